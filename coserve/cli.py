@@ -1,0 +1,64 @@
+"""The `coserve` command line: `coserve demo` and `coserve bench inference`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from coserve.demo import run_demo
+
+    run_demo(max_tokens=args.max_tokens, device=args.device)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    _make_benchmarks_importable()
+    if args.what == "inference":
+        from benchmarks.inference import run_inference_benchmark
+
+        result = run_inference_benchmark(quick=args.quick, device=args.device, skip_real=args.skip_real)
+    else:  # argparse restricts choices
+        raise AssertionError(args.what)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _make_benchmarks_importable() -> None:
+    # Benchmarks live in the repository's benchmarks/ folder, beside the coserve package.
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if (root / "benchmarks").is_dir() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coserve", description=__doc__)
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="batched multi-adapter generation on SmolLM2-135M-Instruct")
+    demo.add_argument("--max-tokens", type=int, default=48)
+    demo.add_argument("--device", default="auto")
+    demo.set_defaults(func=_demo)
+
+    bench = sub.add_parser("bench", help="run a benchmark and print one JSON object")
+    bench.add_argument("what", choices=["inference"])
+    bench.add_argument("--quick", action="store_true", help="a smaller run (at most about 2 minutes)")
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--skip-real", action="store_true", help="skip the SmolLM2 part (key `real`)")
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Runs one scheduled iteration on the model: SchedulerOutput -> RunnerOutput.
+
+The runner turns the scheduler's plain-Python plan into tensors (`ModelInput`),
+puts the iteration's adapters into device slots, orders sequences so each
+adapter's rows are contiguous (the grouped LoRA op then needs no gather), runs
+one fused forward over every scheduled token, and samples the sequences that
+reached their last known token. Per-request sampling state (params, seeded
+generator) lives here, registered by the engine when a request arrives.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from coserve.engine.adapter_manager import AdapterManager
+from coserve.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
+from coserve.engine.sampler import Sampler, make_generator
+from coserve.models.attention import AttentionMetadata, LayerKVCache, build_attention_metadata
+from coserve.models.llama import CausalLM
+from coserve.sampling_params import SamplingParams
+from peft_methods.lora.layer import LoRABatch, LoRAContext
+
+NO_ADAPTER_SLOT = -1
+
+
+@dataclass
+class ModelInput:
+    input_ids: torch.Tensor         # [num_tokens] long
+    positions: torch.Tensor         # [num_tokens] long
+    attention: AttentionMetadata
+    lora: LoRABatch
+    sample_rows: torch.Tensor       # [num_sampled] long: last row of each sequence that samples
+    sample_request_ids: list[str]
+
+
+@dataclass
+class _RequestState:
+    params: SamplingParams
+    generator: torch.Generator | None
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, kv_caches: list[LayerKVCache], block_size: int,
+                 lora_context: LoRAContext, adapters: AdapterManager, device: torch.device) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.lora_context = lora_context
+        self.adapters = adapters
+        self.device = device
+        self.sampler = Sampler()
+        self._requests: dict[str, _RequestState] = {}
+
+    def add_request(self, request_id: str, params: SamplingParams) -> None:
+        generator = make_generator(params.seed, self.device) if params.seed is not None else None
+        self._requests[request_id] = _RequestState(params, generator)
+
+    def remove_request(self, request_id: str) -> None:
+        self._requests.pop(request_id, None)
+
+    @torch.inference_mode()
+    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        model_input = self.prepare_input(scheduler_output.sequences)
+        with self.lora_context.use(model_input.lora):
+            hidden = self.model(model_input.input_ids, model_input.positions, self.kv_caches,
+                                model_input.attention)
+        output = RunnerOutput()
+        if not model_input.sample_request_ids:
+            return output
+        logits = self.model.compute_logits(hidden.index_select(0, model_input.sample_rows)).float()
+        states = [self._requests[rid] for rid in model_input.sample_request_ids]
+        sampled = self.sampler(logits, [s.params for s in states], [s.generator for s in states])
+        for rid, token, logprob in zip(model_input.sample_request_ids, sampled.token_ids, sampled.logprobs):
+            output.sampled_token_ids[rid] = token
+            if logprob is not None:
+                output.logprobs[rid] = logprob
+        return output
+
+    def prepare_input(self, sequences: list[ScheduledSequence]) -> ModelInput:
+        names = {s.adapter for s in sequences if s.adapter is not None}
+        slot_of = self.adapters.activate(names) if names else {}
+        slots = [slot_of[s.adapter] if s.adapter is not None else NO_ADAPTER_SLOT for s in sequences]
+        # NOTE: a stable sort by slot makes each adapter's rows one contiguous segment.
+        order = sorted(range(len(sequences)), key=lambda i: slots[i])
+        input_ids: list[int] = []
+        positions: list[int] = []
+        segments: list[tuple[int, int, int]] = []
+        token_slots: list[int] = []
+        sample_rows: list[int] = []
+        sample_ids: list[str] = []
+        attn_seqs = []
+        for i in order:
+            seq, slot = sequences[i], slots[i]
+            start_row = len(input_ids)
+            input_ids.extend(seq.token_ids)
+            positions.extend(range(seq.start_position, seq.start_position + seq.num_tokens))
+            token_slots.extend([slot] * seq.num_tokens)
+            if slot != NO_ADAPTER_SLOT:
+                if segments and segments[-1][0] == slot and segments[-1][2] == start_row:
+                    segments[-1] = (slot, segments[-1][1], len(input_ids))
+                else:
+                    segments.append((slot, start_row, len(input_ids)))
+            if seq.needs_sample:
+                sample_rows.append(len(input_ids) - 1)
+                sample_ids.append(seq.request_id)
+            attn_seqs.append((seq.start_position, seq.num_tokens, seq.block_ids))
+        device = self.device
+        return ModelInput(
+            input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            attention=build_attention_metadata(attn_seqs, self.block_size, self.model.sliding_window, device),
+            lora=LoRABatch(segments=segments, token_slots=torch.tensor(token_slots, dtype=torch.long, device=device)),
+            sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
+            sample_request_ids=sample_ids,
+        )

@@ -1,0 +1,273 @@
+"""Iteration-level scheduler: hands out a token budget and KV blocks each step.
+
+`schedule()` builds a `SchedulerOutput` (the runner's only input) and
+`update()` folds the runner's `RunnerOutput` back into the requests. Pure
+Python, no torch: tested with hand-made runner outputs and no model.
+
+NOTE: there is no prefill or decode phase. Every request simply needs
+`num_tokens_to_compute` more tokens of work (1 for a decode, the rest of the
+prompt for a prefill, prompt + output after a preemption), and the budget is
+filled in the order: running decodes, running prefill chunks, new requests.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from coserve.config import SchedulerConfig
+from coserve.engine.kv_cache import BlockManager
+from coserve.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
+from coserve.engine.request import Request, RequestStatus
+
+
+class Scheduler:
+    """Decides which tokens of which requests run in the next iteration."""
+
+    def __init__(self, scheduler_config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = scheduler_config
+        self.block_manager = block_manager
+        # FIFO of requests holding no KV blocks; preempted ones go back at the front.
+        self.waiting: deque[Request] = deque()
+        # Requests holding KV blocks, in admission order: the last is preempted first.
+        self.running: list[Request] = []
+        # Every unfinished request (waiting or running) by id.
+        self.requests: dict[str, Request] = {}
+        # Failed in schedule(); the next update() returns them so none is dropped silently.
+        self._finished_with_error: list[Request] = []
+
+    # ------------------------------------------------------------------ queue
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        if not request.prompt_token_ids:
+            raise ValueError(f"request {request.request_id!r} has an empty prompt")
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort_request(self, request_id: str) -> Request | None:
+        """Cancel a request and free its blocks; None if it is unknown or already finished."""
+        return self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
+        """End a request from outside (e.g. the engine found a stop string) and free its blocks.
+
+        Returns:
+            The finished request, or None if it is unknown or already finished.
+        """
+        if not status.is_finished:
+            raise ValueError(f"finish_request needs a finished status, got {status}")
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        self._finish(request, status)
+        return request
+
+    def get_request(self, request_id: str) -> Request | None:
+        """The unfinished request with this id, or None."""
+        return self.requests.get(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        # NOTE: requests that failed in schedule() count until update() returns
+        # them, so an engine loop `while has_unfinished_requests(): step()` reports them.
+        return bool(self.requests) or bool(self._finished_with_error)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def running_adapters(self) -> set[str]:
+        """Distinct adapters held by running requests (each takes one of max_loras slots)."""
+        return {r.adapter for r in self.running if r.adapter is not None}
+
+    # --------------------------------------------------------------- schedule
+
+    def schedule(self) -> SchedulerOutput:
+        """Fill this iteration's token budget: running decodes, running prefills, then new requests."""
+        # request_id -> tokens scheduled this iteration, in fill order. A request
+        # preempted later in this call is removed again and its budget reused.
+        scheduled: dict[str, int] = {}
+        preempted: list[str] = []
+
+        decodes = [r for r in self.running if r.num_tokens_to_compute == 1]
+        prefills = [r for r in self.running if r.num_tokens_to_compute > 1]
+        for request in decodes + prefills:
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop to make room for another
+            budget_left = self._budget_left(scheduled)
+            if budget_left == 0:
+                break
+            if self._fail_if_unservable(request):
+                continue
+            num_tokens = self._num_tokens_this_iteration(request, budget_left)
+            if num_tokens == 0:
+                continue
+            if self._allocate_or_preempt(request, num_tokens, scheduled, preempted):
+                scheduled[request.request_id] = num_tokens
+
+        # NOTE: after a preemption the cache is full; admitting new work now would
+        # only evict it again next step (vLLM's scheduler makes the same choice).
+        if not preempted:
+            self._admit_waiting(scheduled)
+
+        return SchedulerOutput(
+            sequences=[self._build_sequence(rid, n) for rid, n in scheduled.items()],
+            preempted_request_ids=preempted,
+        )
+
+    def _admit_waiting(self, scheduled: dict[str, int]) -> None:
+        """Move waiting requests to running, FIFO, while budget, seats and blocks allow."""
+        active_adapters = self.running_adapters()
+        passed_over: list[Request] = []  # no adapter slot; they keep their place in line
+        while self.waiting:
+            budget_left = self._budget_left(scheduled)
+            if budget_left == 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            request = self.waiting[0]
+            if self._fail_if_unservable(request):
+                continue
+            if (request.adapter is not None and request.adapter not in active_adapters
+                    and len(active_adapters) >= self.config.max_loras):
+                # NOTE: the one exception to FIFO: requests behind it whose adapter is
+                # already loaded cost no slot, so they may go ahead.
+                passed_over.append(self.waiting.popleft())
+                continue
+            num_tokens = self._num_tokens_this_iteration(request, budget_left)
+            num_total_tokens = request.num_computed_tokens + num_tokens
+            if num_tokens == 0 or not self.block_manager.can_allocate(request.request_id, num_total_tokens):
+                break  # FIFO: nobody overtakes the head of the line
+            self.waiting.popleft()
+            self.block_manager.allocate(request.request_id, num_total_tokens)
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled[request.request_id] = num_tokens
+            if request.adapter is not None:
+                active_adapters.add(request.adapter)
+        self.waiting.extendleft(reversed(passed_over))
+
+    def _budget_left(self, scheduled: dict[str, int]) -> int:
+        return self.config.max_num_batched_tokens - sum(scheduled.values())
+
+    def _num_tokens_this_iteration(self, request: Request, budget_left: int) -> int:
+        """Tokens of this request that fit the budget left; 0 if it must wait."""
+        num_remaining = request.num_tokens_to_compute
+        if num_remaining <= budget_left:
+            return num_remaining
+        return budget_left if self.config.enable_chunked_prefill else 0
+
+    def _allocate_or_preempt(self, request: Request, num_tokens: int,
+                             scheduled: dict[str, int], preempted: list[str]) -> bool:
+        """Give a running request blocks for its tokens, preempting the newest running ones.
+
+        Returns:
+            False if the request itself was preempted (it is then not scheduled).
+        """
+        num_total_tokens = request.num_computed_tokens + num_tokens
+        while not self.block_manager.can_allocate(request.request_id, num_total_tokens):
+            victim = self.running[-1]
+            self._preempt(victim)
+            scheduled.pop(victim.request_id, None)
+            preempted.append(victim.request_id)
+            if victim is request:
+                return False
+        self.block_manager.allocate(request.request_id, num_total_tokens)
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        """Preempt by recompute: drop the KV blocks; the request reruns prompt + output later."""
+        self.block_manager.free(request.request_id)
+        self.running = [r for r in self.running if r is not request]
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _fail_if_unservable(self, request: Request) -> bool:
+        """Finish with an error a request that could never be scheduled, whatever else runs."""
+        num_blocks = self.block_manager.num_blocks_needed(request.num_tokens)
+        if num_blocks > self.block_manager.num_blocks:
+            error = (f"request {request.request_id!r} needs {num_blocks} KV blocks, the cache has "
+                     f"{self.block_manager.num_blocks}; raise num_kv_blocks or lower max_tokens")
+        elif (not self.config.enable_chunked_prefill
+              and request.num_tokens_to_compute > self.config.max_num_batched_tokens):
+            error = (f"request {request.request_id!r} needs {request.num_tokens_to_compute} tokens in "
+                     f"one iteration, max_num_batched_tokens is {self.config.max_num_batched_tokens}; "
+                     f"enable chunked prefill or raise max_num_batched_tokens")
+        else:
+            return False
+        request.error = error
+        self._finish(request, RequestStatus.FINISHED_ERROR)
+        self._finished_with_error.append(request)
+        return True
+
+    def _build_sequence(self, request_id: str, num_tokens: int) -> ScheduledSequence:
+        request = self.requests[request_id]
+        start = request.num_computed_tokens
+        return ScheduledSequence(
+            request_id=request_id,
+            token_ids=request.all_token_ids[start:start + num_tokens],
+            start_position=start,
+            block_ids=self.block_manager.block_ids(request_id),
+            adapter=request.adapter,
+            needs_sample=start + num_tokens == request.num_tokens,
+        )
+
+    # ----------------------------------------------------------------- update
+
+    def update(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[Request]:
+        """Record the iteration's progress and sampled tokens.
+
+        Returns:
+            Requests finished by this iteration (stop, length) plus any that
+            failed in the last schedule() (status FINISHED_ERROR, see `error`).
+        """
+        finished, self._finished_with_error = self._finished_with_error, []
+        for seq in scheduler_output.sequences:
+            request = self.requests.get(seq.request_id)
+            if request is None or request.status is not RequestStatus.RUNNING:
+                continue  # aborted or finished between schedule() and update()
+            request.num_computed_tokens += seq.num_tokens
+            if not seq.needs_sample:
+                continue
+            token_id = runner_output.sampled_token_ids.get(seq.request_id)
+            if token_id is None:
+                raise RuntimeError(f"the runner sampled no token for request {seq.request_id!r}, "
+                                   f"which was scheduled with needs_sample=True")
+            request.output_token_ids.append(token_id)
+            if seq.request_id in runner_output.logprobs:
+                request.output_logprobs.append(runner_output.logprobs[seq.request_id])
+            if request.first_token_time is None:
+                request.first_token_time = time.monotonic()
+            status = self._stop_status(request, token_id)
+            if status is not None:
+                self._finish(request, status)
+                finished.append(request)
+        return finished
+
+    @staticmethod
+    def _stop_status(request: Request, token_id: int) -> RequestStatus | None:
+        params = request.sampling_params
+        if token_id == request.eos_token_id and not params.ignore_eos:
+            return RequestStatus.FINISHED_STOPPED
+        if token_id in params.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if request.max_model_len is not None and request.num_tokens >= request.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        """Mark finished, free the blocks and forget the request (identity, not ==, to find it)."""
+        self.block_manager.free(request.request_id)
+        self.running = [r for r in self.running if r is not request]
+        if any(r is request for r in self.waiting):
+            self.waiting = deque(r for r in self.waiting if r is not request)
+        self.requests.pop(request.request_id, None)
+        request.status = status
+        request.finish_time = time.monotonic()

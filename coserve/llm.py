@@ -1,0 +1,126 @@
+"""`LLM`: the offline Python entry point (vLLM-shaped), safe to call from many threads.
+
+It owns an `Engine` and the `EngineLoop` thread that drives it. `generate`
+validates every prompt before queuing any, so one bad prompt rejects the call
+without disturbing requests already running.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+from coserve.config import EngineConfig
+from coserve.engine.engine import Engine
+from coserve.engine.loop import EngineLoop
+from coserve.outputs import RequestOutput
+from coserve.sampling_params import SamplingParams
+
+_request_counter = itertools.count()
+
+
+class LLM:
+    """Multi-LoRA generation on one model.
+
+    Example:
+        llm = LLM(model="path/to/model", max_loras=8, dtype="float32")
+        llm.load_adapter("sql", "path/to/adapter")
+        outs = llm.generate(["a", "b"], SamplingParams(max_tokens=32, temperature=0), adapter=["sql", None])
+    """
+
+    def __init__(self, model: str, **kwargs) -> None:
+        self.config = EngineConfig(model=model, **kwargs)
+        self.engine = Engine(self.config)
+        self.tokenizer = self.engine.tokenizer
+        self._loop = EngineLoop(self.engine)
+
+    # ---- generation ----------------------------------------------------------------------
+
+    def generate(self, prompts: str | Sequence[str] | None = None,
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 adapter: str | None | Sequence[str | None] = None,
+                 prompt_token_ids: Sequence[Sequence[int]] | None = None) -> list[RequestOutput]:
+        """Generate for each prompt; returns outputs in prompt order.
+
+        Args:
+            prompts: text prompt(s), tokenized with the model's tokenizer (special tokens added).
+            sampling_params: one for all prompts or a list with one per prompt.
+            adapter: one adapter name for all prompts, or a list with one per prompt; None = base model.
+            prompt_token_ids: token ids instead of text prompts.
+        """
+        texts, token_ids = self._prompts(prompts, prompt_token_ids)
+        params = self._per_prompt(sampling_params if sampling_params is not None else SamplingParams(),
+                                  len(token_ids), "sampling_params", SamplingParams)
+        adapters = self._per_prompt(adapter, len(token_ids), "adapter", (str, type(None)))
+        ids = [f"gen-{next(_request_counter)}" for _ in token_ids]
+
+        def add_all():
+            # Validate everything first so a bad prompt queues nothing.
+            for toks, p, a in zip(token_ids, params, adapters):
+                self.engine.validate_request(toks, p, a)
+            return [self._loop.track(self.engine.add_request(rid, toks, p, a))
+                    for rid, toks, p, a in zip(ids, token_ids, params, adapters)]
+
+        futures = self._loop.call(add_all)
+        return [RequestOutput.from_request(f.result(), text) for f, text in zip(futures, texts)]
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params=None, adapter=None) -> list[RequestOutput]:
+        """Generate replies to chat conversations using the tokenizer's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        token_ids = [self.apply_chat_template(c) for c in conversations]
+        return self.generate(sampling_params=sampling_params, adapter=adapter, prompt_token_ids=token_ids)
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("the tokenizer has no chat template; pass plain prompts to generate()")
+        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+    def _prompts(self, prompts, prompt_token_ids) -> tuple[list[str | None], list[list[int]]]:
+        if (prompts is None) == (prompt_token_ids is None):
+            raise ValueError("give exactly one of prompts or prompt_token_ids")
+        if prompts is not None:
+            texts = [prompts] if isinstance(prompts, str) else list(prompts)
+            if not all(isinstance(t, str) for t in texts):
+                raise TypeError("prompts must be strings; use prompt_token_ids for token ids")
+            return texts, [self.tokenizer(t)["input_ids"] for t in texts]
+        token_ids = [list(t) for t in prompt_token_ids]
+        return [None] * len(token_ids), token_ids
+
+    @staticmethod
+    def _per_prompt(value, count: int, name: str, kind) -> list:
+        if isinstance(value, (list, tuple)):
+            if len(value) != count:
+                raise ValueError(f"{name} has {len(value)} entries for {count} prompts")
+            values = list(value)
+        else:
+            values = [value] * count
+        for v in values:
+            if not isinstance(v, kind):
+                raise TypeError(f"{name} entries must be {kind}, got {type(v).__name__}")
+        return values
+
+    # ---- adapters and state --------------------------------------------------------------
+
+    def load_adapter(self, name: str, path: str) -> None:
+        self._loop.call(lambda: self.engine.load_adapter(name, path))
+
+    def unload_adapter(self, name: str) -> None:
+        self._loop.call(lambda: self.engine.unload_adapter(name))
+
+    def list_adapters(self) -> list[str]:
+        return self._loop.call(self.engine.list_adapters)
+
+    def save_adapter(self, name: str, path: str) -> None:
+        self._loop.call(lambda: self.engine.adapters.save(name, path))
+
+    def stats(self) -> dict:
+        return self._loop.call(self.engine.get_stats)
+
+    def shutdown(self) -> None:
+        self._loop.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

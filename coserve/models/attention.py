@@ -1,0 +1,146 @@
+"""Attention over a paged KV cache for a flat batch of mixed sequences.
+
+One iteration's tokens are a flat [num_tokens] batch holding decodes (one new
+token each) and prefill chunks (several new tokens, maybe after cached
+context). The runner builds `AttentionMetadata` once per iteration; every layer
+reuses it. New K/V rows are written into the cache at `slot_mapping`
+(slot = block_id * block_size + offset); queries then attend to their sequence's
+cached context. Decodes are batched into one padded SDPA call; prefill chunks
+run one SDPA call each.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class LayerKVCache:
+    key: torch.Tensor    # [num_blocks, block_size, num_kv_heads, head_dim]
+    value: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
+
+
+def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                      head_dim: int, dtype: torch.dtype, device: torch.device) -> list[LayerKVCache]:
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    return [LayerKVCache(torch.zeros(shape, dtype=dtype, device=device),
+                         torch.zeros(shape, dtype=dtype, device=device)) for _ in range(num_layers)]
+
+
+def kv_cache_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                             dtype: torch.dtype) -> int:
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class PrefillSpan:
+    """A chunk of new tokens of one sequence: rows [q_start, q_end) of the batch."""
+
+    q_start: int
+    q_end: int
+    start_position: int           # tokens of this sequence already cached before the chunk
+    block_table: torch.Tensor     # [num_blocks_of_seq] long, covers the whole context
+    mask: torch.Tensor | None     # [q_len, context_len] bool; None = plain causal over the chunk
+
+
+@dataclass
+class DecodeBatch:
+    """All single-token sequences of the iteration, attended in one padded call."""
+
+    rows: torch.Tensor            # [B] long, row of each decode token in the flat batch
+    block_tables: torch.Tensor    # [B, max_blocks] long, padded with block 0
+    mask: torch.Tensor            # [B, 1, 1, max_blocks * block_size] bool
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor    # [num_tokens] long
+    prefills: list[PrefillSpan]
+    decode: DecodeBatch | None
+
+
+def _visible(query_pos: torch.Tensor, key_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    """Boolean mask [queries, keys] of keys visible to each query: causal, optional window."""
+    mask = key_pos[None, :] <= query_pos[:, None]
+    if sliding_window is not None:
+        mask &= key_pos[None, :] > query_pos[:, None] - sliding_window
+    return mask
+
+
+def build_attention_metadata(seqs: list[tuple[int, int, list[int]]], block_size: int,
+                             sliding_window: int | None, device: torch.device) -> AttentionMetadata:
+    """Build the per-iteration metadata.
+
+    Args:
+        seqs: one (start_position, num_new_tokens, block_ids) per sequence, in batch row order.
+    """
+    slots: list[int] = []
+    prefills: list[PrefillSpan] = []
+    decode_rows: list[int] = []
+    decode_tables: list[list[int]] = []
+    decode_lens: list[int] = []
+    row = 0
+    for start, num_new, block_ids in seqs:
+        for pos in range(start, start + num_new):
+            slots.append(block_ids[pos // block_size] * block_size + pos % block_size)
+        context_len = start + num_new
+        if num_new == 1 and start > 0:
+            decode_rows.append(row)
+            decode_tables.append(block_ids[: (context_len + block_size - 1) // block_size])
+            decode_lens.append(context_len)
+        else:
+            mask = None
+            needs_window = sliding_window is not None and context_len > sliding_window
+            if start > 0 or needs_window:
+                query_pos = torch.arange(start, context_len, device=device)
+                mask = _visible(query_pos, torch.arange(context_len, device=device), sliding_window)
+            table = torch.tensor(block_ids[: (context_len + block_size - 1) // block_size],
+                                 dtype=torch.long, device=device)
+            prefills.append(PrefillSpan(row, row + num_new, start, table, mask))
+        row += num_new
+    decode = None
+    if decode_rows:
+        max_blocks = max(len(t) for t in decode_tables)
+        tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables],
+                              dtype=torch.long, device=device)
+        lens = torch.tensor(decode_lens, device=device)
+        key_pos = torch.arange(max_blocks * block_size, device=device)
+        mask = _visible(lens - 1, key_pos, sliding_window)      # [B, max_keys]; also hides padding
+        decode = DecodeBatch(torch.tensor(decode_rows, dtype=torch.long, device=device),
+                             tables, mask[:, None, None, :])
+    return AttentionMetadata(torch.tensor(slots, dtype=torch.long, device=device), prefills, decode)
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [num_tokens, heads, head_dim]; k, v: [num_tokens, kv_heads, head_dim] -> [num_tokens, heads, head_dim]."""
+    num_blocks, block_size, kv_heads, head_dim = cache.key.shape
+    cache.key.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+    cache.value.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    out = torch.empty_like(q)
+    for span in meta.prefills:
+        q_chunk = q[span.q_start:span.q_end].transpose(0, 1)[None]          # [1, heads, q_len, d]
+        if span.start_position == 0:
+            # NOTE: a fresh prefill attends only to its own new rows, no cache read needed.
+            k_ctx, v_ctx = k[span.q_start:span.q_end], v[span.q_start:span.q_end]
+        else:
+            context_len = span.start_position + span.q_end - span.q_start
+            k_ctx = cache.key.index_select(0, span.block_table).flatten(0, 1)[:context_len]
+            v_ctx = cache.value.index_select(0, span.block_table).flatten(0, 1)[:context_len]
+        k_ctx = k_ctx.transpose(0, 1)[None]                                  # [1, kv_heads, ctx, d]
+        v_ctx = v_ctx.transpose(0, 1)[None]
+        o = F.scaled_dot_product_attention(q_chunk, k_ctx, v_ctx, attn_mask=span.mask,
+                                           is_causal=span.mask is None, scale=scale, enable_gqa=True)
+        out[span.q_start:span.q_end] = o[0].transpose(0, 1)
+    if meta.decode is not None:
+        d = meta.decode
+        batch, max_blocks = d.block_tables.shape
+        k_ctx = cache.key.index_select(0, d.block_tables.flatten()).view(batch, max_blocks * block_size, kv_heads, head_dim)
+        v_ctx = cache.value.index_select(0, d.block_tables.flatten()).view(batch, max_blocks * block_size, kv_heads, head_dim)
+        q_dec = q.index_select(0, d.rows)[:, :, None, :]                   # [B, heads, 1, d]
+        o = F.scaled_dot_product_attention(q_dec, k_ctx.transpose(1, 2), v_ctx.transpose(1, 2),
+                                           attn_mask=d.mask, scale=scale, enable_gqa=True)
+        out.index_copy_(0, d.rows, o[:, :, 0, :])
+    return out
