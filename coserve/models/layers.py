@@ -40,6 +40,12 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         params = rope_parameters(config)
         rope_type = params.get("rope_type", "default")
+        # NOTE: computed on the CPU even when the model is being built on the meta device.
+        with torch.device("cpu"):
+            inv_freq = self._inv_freq(config, params, rope_type, head_dim)
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    def _inv_freq(self, config, params: dict, rope_type: str, head_dim: int) -> torch.Tensor:
         if rope_type == "default":
             inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
             self.attention_scaling = 1.0
@@ -48,7 +54,7 @@ class RotaryEmbedding(nn.Module):
         else:
             raise ValueError(f"unsupported rope_type {rope_type!r}; supported: default, "
                              + ", ".join(sorted(k for k in ROPE_INIT_FUNCTIONS if k != "dynamic")))
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        return inv_freq
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]   # [num_tokens, head_dim / 2]

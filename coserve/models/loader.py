@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 
 from coserve.models.checkpoint import ResolvedCheckpoint, iter_checkpoint_tensors, load_hf_config
-from coserve.models.layers import RotaryEmbedding
-from coserve.models.llama import CausalLM, head_dim_of
+from coserve.models.llama import CausalLM
 
 # Buffers some checkpoints carry that are recomputed here.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -41,6 +40,5 @@ def load_model(checkpoint: ResolvedCheckpoint, dtype: torch.dtype, device: torch
     model.load_state_dict(state, strict=False, assign=True)
     if model.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    # NOTE: buffers built on meta have no values; the rotary tables are rebuilt for real.
-    model.rotary = RotaryEmbedding(config, head_dim_of(config)).to(device)
+    model.rotary.to(device)  # its table was computed on the CPU, not on meta
     return model.eval().requires_grad_(False)

@@ -1,0 +1,50 @@
+"""Test helpers: run a coserve model forward outside the engine, on a private KV cache."""
+from __future__ import annotations
+
+import torch
+
+from coserve.models.attention import allocate_kv_cache, build_attention_metadata
+from coserve.models.llama import CausalLM, head_dim_of
+
+
+class PagedRunner:
+    """Feeds sequences chunk by chunk through `CausalLM` with a paged cache, returning all logits.
+
+    Blocks are handed out interleaved across sequences (not contiguous) so the
+    paged gather paths are exercised.
+    """
+
+    def __init__(self, model: CausalLM, num_seqs: int, max_len: int, block_size: int = 4) -> None:
+        cfg = model.config
+        blocks_per_seq = -(-max_len // block_size)
+        self.block_size = block_size
+        self.caches = allocate_kv_cache(cfg.num_hidden_layers, num_seqs * blocks_per_seq + 1, block_size,
+                                        cfg.num_key_value_heads, head_dim_of(cfg),
+                                        model.lm_head.weight.dtype, model.lm_head.weight.device)
+        # Sequence i gets blocks i+1, i+1+num_seqs, ... (block 0 stays unused as padding).
+        self.tables = [[1 + i + j * num_seqs for j in range(blocks_per_seq)] for i in range(num_seqs)]
+        self.positions = [0] * num_seqs
+        self.model = model
+
+    @torch.inference_mode()
+    def step(self, chunks: dict[int, list[int]]) -> dict[int, torch.Tensor]:
+        """chunks: sequence index -> new token ids. Returns sequence index -> logits [n, vocab]."""
+        order = list(chunks)
+        ids, positions, seqs = [], [], []
+        for i in order:
+            n = len(chunks[i])
+            ids += chunks[i]
+            positions += range(self.positions[i], self.positions[i] + n)
+            seqs.append((self.positions[i], n, self.tables[i]))
+            self.positions[i] += n
+        device = self.model.lm_head.weight.device
+        meta = build_attention_metadata(seqs, self.block_size, self.model.sliding_window, device)
+        hidden = self.model(torch.tensor(ids, device=device), torch.tensor(positions, device=device),
+                            self.caches, meta)
+        logits = self.model.compute_logits(hidden).float()
+        out, row = {}, 0
+        for i in order:
+            n = len(chunks[i])
+            out[i] = logits[row:row + n]
+            row += n
+        return out
