@@ -124,6 +124,8 @@ def engine_run(model_dir: str, adapter_paths: dict[str, str], workload: Workload
 
 def _choose_budget(model_dir: str, adapter_paths: dict[str, str], workload: Workload, setting: Setting,
                    device: torch.device) -> tuple[int, dict]:
+    if len(setting.budgets) == 1:
+        return setting.budgets[0], {}
     explore = workload.head(setting.num_explore_requests, max_output=16)
     results = {b: engine_run(model_dir, adapter_paths, explore, b, device)["tokens_per_s"] for b in setting.budgets}
     best = max(results, key=results.get)

@@ -48,3 +48,19 @@ class PagedRunner:
             out[i] = logits[row:row + n]
             row += n
         return out
+
+
+def make_peft_adapter_dir(model_dir, path, seed: int, scale: float = 0.1, **lora_kwargs):
+    """Save a real peft LoRA adapter for the model in `model_dir`, with random non-zero A and B."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **lora_kwargs))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(scale * torch.randn(param.shape, generator=gen))
+    model.save_pretrained(str(path))
+    return str(path)

@@ -76,6 +76,7 @@ def resolve_checkpoint(path: str | os.PathLike, cache_dir: str | os.PathLike | N
 
 
 def _resolve_hf_dir(model_dir: Path, source: Path) -> ResolvedCheckpoint:
+    load_hf_config(model_dir)  # an unsupported architecture is the first thing to say
     weight_files = _find_weight_files(model_dir)
     for f in weight_files:
         if f.suffix == ".safetensors":

@@ -110,7 +110,7 @@ def test_missing_path_and_missing_weights(tmp_path):
         resolve_checkpoint(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
         resolve_checkpoint(tmp_path)
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(FileNotFoundError, match=f"no weights in {tmp_path}"):
         resolve_checkpoint(tmp_path)
     (tmp_path / "weights.pt").write_bytes(b"x")
