@@ -97,3 +97,12 @@ def smollm2_gguf():
 def smollm2_checkpoint(smollm2_gguf):
     """ResolvedCheckpoint of SmolLM2 converted to HF format (about 20 s the first time ever)."""
     return resolve_checkpoint(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def device():
+    """Where the engine-side of equivalence tests runs: cpu, or cuda via COSERVE_TEST_DEVICE=cuda."""
+    name = os.environ.get("COSERVE_TEST_DEVICE", "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        pytest.fail(f"COSERVE_TEST_DEVICE={name} but CUDA is not available")
+    return torch.device(name)

@@ -57,9 +57,9 @@ def _workload(vocab: int, n: int = 12, seed: int = 0):
     return prompts, adapters, max_tokens
 
 
-def test_mixed_adapter_greedy_equals_transformers_peft(tiny_llama_dir, adapter_dirs, peft_reference):
+def test_mixed_adapter_greedy_equals_transformers_peft(tiny_llama_dir, adapter_dirs, peft_reference, device):
     llm = LLM(model=str(tiny_llama_dir), max_loras=2, max_lora_rank=16, max_num_batched_tokens=16,
-              block_size=4, num_kv_blocks=40, dtype="float32", device="cpu")
+              block_size=4, num_kv_blocks=40, dtype="float32", device=str(device))
     try:
         for name, path in adapter_dirs.items():
             llm.load_adapter(name, path)
@@ -82,8 +82,9 @@ def test_mixed_adapter_greedy_equals_transformers_peft(tiny_llama_dir, adapter_d
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_llama_dir, adapter_dirs):
-    engine = LLM(model=str(tiny_llama_dir), max_loras=4, max_num_batched_tokens=32, dtype="float32", device="cpu")
+def llm(tiny_llama_dir, adapter_dirs, device):
+    engine = LLM(model=str(tiny_llama_dir), max_loras=4, max_num_batched_tokens=32, dtype="float32",
+                 device=str(device))
     for name, path in adapter_dirs.items():
         engine.load_adapter(name, path)
     yield engine

@@ -16,8 +16,8 @@ from tests.helpers import PagedRunner
 ATOL = 1e-4
 
 
-def _load_pair(model_dir):
-    ours = load_model(resolve_checkpoint(model_dir), torch.float32, torch.device("cpu"))
+def _load_pair(model_dir, device=torch.device("cpu")):
+    ours = load_model(resolve_checkpoint(model_dir), torch.float32, device)
     theirs = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     return ours, theirs
 
@@ -36,37 +36,37 @@ def _check_all_paths(ours, theirs, vocab, lengths=(23, 9, 14), seed=0):
     split = {0: lengths[0], 1: 5, 2: 7}
     got = runner.step({i: seqs[i][:split[i]] for i in range(3)})
     for i in range(3):
-        torch.testing.assert_close(got[i], expected[i][:split[i]], atol=ATOL, rtol=0)
+        torch.testing.assert_close(got[i].cpu(), expected[i][:split[i]], atol=ATOL, rtol=0)
     # Iteration 2: seq 0 decodes, seq 1 and 2 continue over their cached context.
     chunk = {0: seqs[0][split[0]:split[0] + 1], 1: seqs[1][5:lengths[1]], 2: seqs[2][7:lengths[2]]}
     got = runner.step(chunk)
-    torch.testing.assert_close(got[0], expected[0][split[0]:split[0] + 1], atol=ATOL, rtol=0)
-    torch.testing.assert_close(got[1], expected[1][5:lengths[1]], atol=ATOL, rtol=0)
-    torch.testing.assert_close(got[2], expected[2][7:lengths[2]], atol=ATOL, rtol=0)
+    torch.testing.assert_close(got[0].cpu(), expected[0][split[0]:split[0] + 1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(got[1].cpu(), expected[1][5:lengths[1]], atol=ATOL, rtol=0)
+    torch.testing.assert_close(got[2].cpu(), expected[2][7:lengths[2]], atol=ATOL, rtol=0)
     # Iterations 3+: all decode together.
     pos = [split[0] + 1, lengths[1], lengths[2]]
     for _ in range(3):
         got = runner.step({i: [seqs[i][pos[i]]] for i in range(3)})
         for i in range(3):
-            torch.testing.assert_close(got[i], expected[i][pos[i]:pos[i] + 1], atol=ATOL, rtol=0)
+            torch.testing.assert_close(got[i].cpu(), expected[i][pos[i]:pos[i] + 1], atol=ATOL, rtol=0)
             pos[i] += 1
 
 
-def test_tiny_architectures_match_transformers(tiny_model_dir):
-    ours, theirs = _load_pair(tiny_model_dir)
+def test_tiny_architectures_match_transformers(tiny_model_dir, device):
+    ours, theirs = _load_pair(tiny_model_dir, device)
     _check_all_paths(ours, theirs, ours.config.vocab_size)
 
 
-def test_llama3_rope_and_tied_embeddings_match_transformers(tiny_llama3_tied_dir):
-    ours, theirs = _load_pair(tiny_llama3_tied_dir)
+def test_llama3_rope_and_tied_embeddings_match_transformers(tiny_llama3_tied_dir, device):
+    ours, theirs = _load_pair(tiny_llama3_tied_dir, device)
     assert ours.lm_head.weight is ours.model.embed_tokens.weight
     # Long enough to pass original_max_position_embeddings, where llama3 scaling matters.
     _check_all_paths(ours, theirs, ours.config.vocab_size, lengths=(80, 40, 70))
 
 
-def test_mistral_sliding_window_matches_transformers(tmp_path):
+def test_mistral_sliding_window_matches_transformers(tmp_path, device):
     model_dir = make_model_dir(tmp_path / "mistral-sw", tiny_config("mistral", sliding_window=8), seed=1)
-    ours, theirs = _load_pair(model_dir)
+    ours, theirs = _load_pair(model_dir, device)
     assert ours.sliding_window == 8
     _check_all_paths(ours, theirs, ours.config.vocab_size, lengths=(20, 12, 17))
 
