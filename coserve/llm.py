@@ -1,6 +1,6 @@
 """`LLM`: the offline Python entry point (vLLM-shaped), safe to call from many threads.
 
-It owns an `Engine` and the `EngineLoop` thread that drives it. `generate`
+It owns an `Engine` and the `EngineLoop` that drives it (on the waiting caller's thread). `generate`
 validates every prompt before queuing any, so one bad prompt rejects the call
 without disturbing requests already running.
 """
@@ -61,7 +61,7 @@ class LLM:
                     for rid, toks, p, a in zip(ids, token_ids, params, adapters)]
 
         futures = self._loop.call(add_all)
-        return [RequestOutput.from_request(f.result(), text) for f, text in zip(futures, texts)]
+        return [RequestOutput.from_request(self._loop.wait(f), text) for f, text in zip(futures, texts)]
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params=None, adapter=None) -> list[RequestOutput]:
         """Generate replies to chat conversations using the tokenizer's chat template."""

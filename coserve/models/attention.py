@@ -35,14 +35,20 @@ def kv_cache_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int
 
 
 @dataclass
-class PrefillSpan:
-    """A chunk of new tokens of one sequence: rows [q_start, q_end) of the batch."""
+class SequenceSpan:
+    """New tokens of one sequence, rows [q_start, q_end) of the batch, attended in their own call."""
 
     q_start: int
     q_end: int
-    start_position: int           # tokens of this sequence already cached before the chunk
-    block_table: torch.Tensor     # [num_blocks_of_seq] long, covers the whole context
-    mask: torch.Tensor | None     # [q_len, context_len] bool; None = plain causal over the chunk
+    start_position: int           # tokens of this sequence already cached before these rows
+    first_slot: int | None        # the context is cache slots [first_slot, first_slot + context_len) ...
+    block_table: torch.Tensor | None  # ... or, when its blocks are not contiguous, these blocks
+    mask: torch.Tensor | None     # [q_len, context_len] bool, or None (see is_causal)
+    is_causal: bool               # True: square causal over the new rows only (nothing cached before)
+
+    @property
+    def context_len(self) -> int:
+        return self.start_position + self.q_end - self.q_start
 
 
 @dataclass
@@ -57,9 +63,10 @@ class DecodeBatch:
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor    # [num_tokens] long
-    prefills: list[PrefillSpan]
+    spans: list[SequenceSpan]
+    """Prefill chunks, and decodes whose context is contiguous in the cache (read as a view)."""
     decodes: list[DecodeBatch]
-    """Decodes bucketed by context length, so padding to the bucket's longest stays small."""
+    """Other decodes, gathered and bucketed by context length so padding stays small."""
 
 
 # A decode joins a bucket while its block count is at least this fraction of the bucket's longest.
@@ -82,7 +89,7 @@ def build_attention_metadata(seqs: list[tuple[int, int, list[int]]], block_size:
         seqs: one (start_position, num_new_tokens, block_ids) per sequence, in batch row order.
     """
     slots: list[int] = []
-    prefills: list[PrefillSpan] = []
+    spans: list[SequenceSpan] = []
     decode_rows: list[int] = []
     decode_tables: list[list[int]] = []
     decode_lens: list[int] = []
@@ -91,19 +98,23 @@ def build_attention_metadata(seqs: list[tuple[int, int, list[int]]], block_size:
         for pos in range(start, start + num_new):
             slots.append(block_ids[pos // block_size] * block_size + pos % block_size)
         context_len = start + num_new
-        if num_new == 1 and start > 0:
+        table = block_ids[: -(-context_len // block_size)]
+        contiguous = table == list(range(table[0], table[0] + len(table)))
+        needs_window = sliding_window is not None and context_len > sliding_window
+        if start == 0 and not needs_window:
+            spans.append(SequenceSpan(row, row + num_new, 0, None, None, None, is_causal=True))
+        elif num_new == 1 and not contiguous:
             decode_rows.append(row)
-            decode_tables.append(block_ids[: (context_len + block_size - 1) // block_size])
+            decode_tables.append(table)
             decode_lens.append(context_len)
         else:
             mask = None
-            needs_window = sliding_window is not None and context_len > sliding_window
-            if start > 0 or needs_window:
+            if num_new > 1 or needs_window:
                 query_pos = torch.arange(start, context_len, device=device)
                 mask = _visible(query_pos, torch.arange(context_len, device=device), sliding_window)
-            table = torch.tensor(block_ids[: (context_len + block_size - 1) // block_size],
-                                 dtype=torch.long, device=device)
-            prefills.append(PrefillSpan(row, row + num_new, start, table, mask))
+            first_slot = table[0] * block_size if contiguous else None
+            gather = None if contiguous else torch.tensor(table, dtype=torch.long, device=device)
+            spans.append(SequenceSpan(row, row + num_new, start, first_slot, gather, mask, is_causal=False))
         row += num_new
     buckets = _bucket_by_length(list(range(len(decode_rows))), [len(t) for t in decode_tables])
     decodes = []
@@ -116,7 +127,7 @@ def build_attention_metadata(seqs: list[tuple[int, int, list[int]]], block_size:
         mask = _visible(lens - 1, key_pos, sliding_window)      # [B, max_keys]; also hides padding
         rows = torch.tensor([decode_rows[i] for i in bucket], dtype=torch.long, device=device)
         decodes.append(DecodeBatch(rows, tables, mask[:, None, None, :]))
-    return AttentionMetadata(torch.tensor(slots, dtype=torch.long, device=device), prefills, decodes)
+    return AttentionMetadata(torch.tensor(slots, dtype=torch.long, device=device), spans, decodes)
 
 
 def _bucket_by_length(items: list[int], lengths: list[int]) -> list[list[int]]:
@@ -137,19 +148,24 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
     cache.key.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
     cache.value.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)
-    for span in meta.prefills:
+    flat_key = cache.key.view(-1, kv_heads, head_dim)
+    flat_value = cache.value.view(-1, kv_heads, head_dim)
+    for span in meta.spans:
         q_chunk = q[span.q_start:span.q_end].transpose(0, 1)[None]          # [1, heads, q_len, d]
-        if span.start_position == 0:
+        if span.is_causal:
             # NOTE: a fresh prefill attends only to its own new rows, no cache read needed.
             k_ctx, v_ctx = k[span.q_start:span.q_end], v[span.q_start:span.q_end]
+        elif span.first_slot is not None:
+            # Contiguous blocks: the context is a view of the cache, no copy.
+            k_ctx = flat_key[span.first_slot:span.first_slot + span.context_len]
+            v_ctx = flat_value[span.first_slot:span.first_slot + span.context_len]
         else:
-            context_len = span.start_position + span.q_end - span.q_start
-            k_ctx = cache.key.index_select(0, span.block_table).flatten(0, 1)[:context_len]
-            v_ctx = cache.value.index_select(0, span.block_table).flatten(0, 1)[:context_len]
+            k_ctx = cache.key.index_select(0, span.block_table).flatten(0, 1)[:span.context_len]
+            v_ctx = cache.value.index_select(0, span.block_table).flatten(0, 1)[:span.context_len]
         k_ctx = k_ctx.transpose(0, 1)[None]                                  # [1, kv_heads, ctx, d]
         v_ctx = v_ctx.transpose(0, 1)[None]
         o = F.scaled_dot_product_attention(q_chunk, k_ctx, v_ctx, attn_mask=span.mask,
-                                           is_causal=span.mask is None, scale=scale, enable_gqa=True)
+                                           is_causal=span.is_causal, scale=scale, enable_gqa=True)
         out[span.q_start:span.q_end] = o[0].transpose(0, 1)
     for d in meta.decodes:
         batch, max_blocks = d.block_tables.shape

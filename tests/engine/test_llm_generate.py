@@ -162,3 +162,29 @@ def test_generation_stops_at_eos_by_default(tiny_llama_dir):
         assert ignored.token_ids == full.token_ids
     finally:
         llm.shutdown()
+
+
+def test_concurrent_generate_from_threads_matches_sequential(llm):
+    import threading
+
+    prompts = [[50 + i, 51 + i, 52 + i] for i in range(6)]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    sequential = [llm.generate(prompt_token_ids=[p], sampling_params=params, adapter="all-r8")[0].token_ids
+                  for p in prompts]
+    results: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            results[i] = llm.generate(prompt_token_ids=[prompts[i]], sampling_params=params,
+                                      adapter="all-r8")[0].token_ids
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors
+    assert [results[i] for i in range(len(prompts))] == sequential
