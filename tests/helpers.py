@@ -57,10 +57,37 @@ def make_peft_adapter_dir(model_dir, path, seed: int, scale: float = 0.1, **lora
 
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", **lora_kwargs))
+    randomize_lora(model, seed, scale)
+    model.save_pretrained(str(path))
+    return str(path)
+
+
+def tiny_hf_llama(seed: int = 0):
+    """A tiny fp64 transformers LlamaForCausalLM built in memory (hidden 64, 2 layers)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    return LlamaForCausalLM(config).double().eval()
+
+
+def randomize_lora(model, seed: int, scale: float = 0.1) -> None:
+    """Give every LoRA A and B of a peft model seeded random values (peft starts B at zero)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_" in name:
-                param.copy_(scale * torch.randn(param.shape, generator=gen))
-    model.save_pretrained(str(path))
-    return str(path)
+                param.copy_(scale * torch.randn(param.shape, generator=gen, dtype=param.dtype))
+
+
+def make_peft_adapter(base, path, seed: int, **lora_kwargs):
+    """A peft LoRA model on a copy of the in-memory `base`, random A and B, saved to `path`."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(task_type="CAUSAL_LM", **lora_kwargs))
+    randomize_lora(model, seed)
+    model.save_pretrained(path)
+    return model.eval()

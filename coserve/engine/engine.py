@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 
-import torch
 
 from coserve.config import EngineConfig
 from coserve.engine.adapter_manager import AdapterManager, UnknownAdapterError

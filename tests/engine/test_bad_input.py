@@ -3,7 +3,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from coserve import LLM, SamplingParams
 from coserve.engine.adapter_manager import UnknownAdapterError

@@ -11,14 +11,14 @@ import os
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.utils.other import get_pattern_key as peft_get_pattern_key
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from peft_methods.lora.config import LoRAAdapterConfig, get_pattern_key
 from peft_methods.lora.weights import AdapterLoadError, LoRAAdapter, load_adapter, save_adapter
+from tests.helpers import make_peft_adapter, tiny_hf_llama
 
 PEFT_SETTINGS = {
     "q_v": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
@@ -34,28 +34,9 @@ PEFT_SETTINGS = {
 }
 
 
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
-    return LlamaForCausalLM(config).double().eval()
-
-
-def make_peft_adapter(base, path, seed, **lora_kwargs):
-    """A peft LoRA model on a copy of `base`, random A and B, saved to `path`."""
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(task_type="CAUSAL_LM", **lora_kwargs))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.copy_(0.1 * torch.randn(param.shape, generator=g, dtype=param.dtype))
-    model.save_pretrained(path)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def base():
-    return tiny_llama()
+    return tiny_hf_llama()
 
 
 @pytest.fixture(scope="module")
