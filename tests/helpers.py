@@ -11,18 +11,23 @@ class PagedRunner:
     """Feeds sequences chunk by chunk through `CausalLM` with a paged cache, returning all logits.
 
     Blocks are handed out interleaved across sequences (not contiguous) so the
-    paged gather paths are exercised.
+    paged gather paths are exercised, or contiguous per sequence so the
+    zero-copy view paths are.
     """
 
-    def __init__(self, model: CausalLM, num_seqs: int, max_len: int, block_size: int = 4) -> None:
+    def __init__(self, model: CausalLM, num_seqs: int, max_len: int, block_size: int = 4,
+                 contiguous: bool = False) -> None:
         cfg = model.config
         blocks_per_seq = -(-max_len // block_size)
         self.block_size = block_size
         self.caches = allocate_kv_cache(cfg.num_hidden_layers, num_seqs * blocks_per_seq + 1, block_size,
                                         cfg.num_key_value_heads, head_dim_of(cfg),
                                         model.lm_head.weight.dtype, model.lm_head.weight.device)
-        # Sequence i gets blocks i+1, i+1+num_seqs, ... (block 0 stays unused as padding).
-        self.tables = [[1 + i + j * num_seqs for j in range(blocks_per_seq)] for i in range(num_seqs)]
+        # Block 0 stays unused (padding); interleaved: sequence i gets blocks i+1, i+1+num_seqs, ...
+        if contiguous:
+            self.tables = [[1 + i * blocks_per_seq + j for j in range(blocks_per_seq)] for i in range(num_seqs)]
+        else:
+            self.tables = [[1 + i + j * num_seqs for j in range(blocks_per_seq)] for i in range(num_seqs)]
         self.positions = [0] * num_seqs
         self.model = model
 

@@ -27,11 +27,11 @@ def _hf_logits(model, ids: list[int]) -> torch.Tensor:
     return model(torch.tensor([ids])).logits[0].float()
 
 
-def _check_all_paths(ours, theirs, vocab, lengths=(23, 9, 14), seed=0):
+def _check_all_paths(ours, theirs, vocab, lengths=(23, 9, 14), seed=0, contiguous=False):
     gen = torch.Generator().manual_seed(seed)
     seqs = [torch.randint(3, vocab, (n + 4,), generator=gen).tolist() for n in lengths]
     expected = [_hf_logits(theirs, s) for s in seqs]
-    runner = PagedRunner(ours, num_seqs=len(seqs), max_len=max(len(s) for s in seqs))
+    runner = PagedRunner(ours, num_seqs=len(seqs), max_len=max(len(s) for s in seqs), contiguous=contiguous)
     # Iteration 1: seq 0 whole prompt, seq 1 first chunk, seq 2 first chunk.
     split = {0: lengths[0], 1: 5, 2: 7}
     got = runner.step({i: seqs[i][:split[i]] for i in range(3)})
@@ -52,9 +52,10 @@ def _check_all_paths(ours, theirs, vocab, lengths=(23, 9, 14), seed=0):
             pos[i] += 1
 
 
-def test_tiny_architectures_match_transformers(tiny_model_dir, device):
+@pytest.mark.parametrize("contiguous", [False, True], ids=["gathered-blocks", "contiguous-blocks"])
+def test_tiny_architectures_match_transformers(tiny_model_dir, device, contiguous):
     ours, theirs = _load_pair(tiny_model_dir, device)
-    _check_all_paths(ours, theirs, ours.config.vocab_size)
+    _check_all_paths(ours, theirs, ours.config.vocab_size, contiguous=contiguous)
 
 
 def test_llama3_rope_and_tied_embeddings_match_transformers(tiny_llama3_tied_dir, device):
