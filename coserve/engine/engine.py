@@ -46,7 +46,8 @@ class Engine:
             self.eos_token_id = getattr(model_config, "eos_token_id", None)
 
         self.lora_context = LoRAContext(use_ref=config.use_lora_ref)
-        self.inject_report = inject_adapters(self.model, "all-linear", config.max_loras, self.lora_context)
+        self.inject_report = inject_adapters(self.model, "all-linear", config.max_loras, self.lora_context,
+                                             shared_input_groups=self.model.SHARED_INPUT_LINEARS)
         self.adapters = AdapterManager(self.model, self.lora_context, config.max_loras, config.max_lora_rank,
                                        config.max_cpu_loras, self.device, self.dtype)
 

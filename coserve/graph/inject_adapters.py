@@ -16,6 +16,7 @@ from torch import nn
 
 from peft_methods.lora.config import ALL_LINEAR, is_output_head
 from peft_methods.lora.layer import LoRAContext, MultiLoRALinear
+from peft_methods.lora.shared_shrink import SharedShrink
 
 
 @dataclass
@@ -26,6 +27,8 @@ class InjectReport:
     """Names of the modules now MultiLoRALinear, in model order."""
     max_loras: int = 0
     """Adapter slots per wrapped layer."""
+    shared_shrinks: list[list[str]] = field(default_factory=list)
+    """Groups of wrapped siblings that read one input and share one shrink GEMM."""
 
 
 def inject_adapters(
@@ -33,6 +36,7 @@ def inject_adapters(
     target_module_names: Iterable[str] | str,
     max_loras: int,
     context: LoRAContext,
+    shared_input_groups: Iterable[Iterable[str]] = (),
 ) -> InjectReport:
     """Wrap the target linears of `model` in MultiLoRALinear, in place.
 
@@ -42,6 +46,8 @@ def inject_adapters(
             other string as a regex fullmatched against the module name.
         max_loras: device adapter slots in each wrapped layer.
         context: the LoRAContext shared by every wrapped layer.
+        shared_input_groups: child names of one parent that read the same input (e.g.
+            ("q_proj", "k_proj", "v_proj")); wrapped siblings of a group share one shrink GEMM.
 
     Raises:
         ValueError: a target that matches no module, matches a module that is
@@ -64,7 +70,24 @@ def inject_adapters(
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child_name, MultiLoRALinear(module, max_loras, context))
         report.wrapped.append(name)
+    report.shared_shrinks = _share_shrinks(model, report.wrapped, [tuple(g) for g in shared_input_groups])
     return report
+
+
+def _share_shrinks(model: nn.Module, wrapped: list[str], groups: list[tuple[str, ...]]) -> list[list[str]]:
+    by_parent: dict[str, set[str]] = {}
+    for name in wrapped:
+        parent, _, child = name.rpartition(".")
+        by_parent.setdefault(parent, set()).add(child)
+    shared = []
+    for parent, children in by_parent.items():
+        for group in groups:
+            members = [child for child in group if child in children]
+            if len(members) >= 2:
+                names = [f"{parent}.{child}" if parent else child for child in members]
+                SharedShrink([model.get_submodule(n) for n in names])
+                shared.append(names)
+    return shared
 
 
 def _find_targets(model: nn.Module, targets: Iterable[str] | str) -> list[tuple[str, nn.Module]]:

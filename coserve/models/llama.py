@@ -95,6 +95,9 @@ class DecoderModel(nn.Module):
 class CausalLM(nn.Module):
     """Llama / Mistral / Qwen2 for causal LM; one class, the differences are config flags."""
 
+    # Sibling linears that read the same input (LoRA layers on them can share one shrink GEMM).
+    SHARED_INPUT_LINEARS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
     def __init__(self, config) -> None:
         super().__init__()
         if config.model_type not in SUPPORTED_ARCHITECTURES:

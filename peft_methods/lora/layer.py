@@ -116,6 +116,8 @@ class MultiLoRALinear(nn.Module):
         self.lora_a: list[torch.Tensor | None] = [None] * max_loras  # [r_s, in]
         self.lora_b: list[torch.Tensor | None] = [None] * max_loras  # [out, r_s]
         self.scalings: list[float] = [0.0] * max_loras
+        self.shared_shrink = None    # SharedShrink with sibling layers reading the same input, if any
+        self.shared_index = -1
 
     @property
     def in_features(self) -> int:
@@ -148,12 +150,19 @@ class MultiLoRALinear(nn.Module):
             self.lora_a[slot] = lora_a.detach().to(device=weight.device, dtype=weight.dtype, copy=True)
             self.lora_b[slot] = lora_b.detach().to(device=weight.device, dtype=weight.dtype, copy=True)
         self.scalings[slot] = float(scaling)
+        if self.shared_shrink is not None:
+            self.shared_shrink.rebuild(slot)
 
     def clear_slot(self, slot: int) -> None:
         self._check_slot(slot)
         self.lora_a[slot] = None
         self.lora_b[slot] = None
         self.scalings[slot] = 0.0
+        if self.shared_shrink is not None:
+            self.shared_shrink.rebuild(slot)
+
+    def attach_shared_shrink(self, shared, index: int) -> None:
+        self.shared_shrink, self.shared_index = shared, index
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.max_loras:
@@ -165,10 +174,14 @@ class MultiLoRALinear(nn.Module):
             return out
         out = out.contiguous()
         # NOTE: views, so the in-place LoRA update lands in `out`; rows are tokens.
-        self.context.apply(
-            out.view(-1, self.out_features), x.reshape(-1, self.in_features),
-            self.lora_a, self.lora_b, self.scalings,
-        )
+        y, rows = out.view(-1, self.out_features), x.reshape(-1, self.in_features)
+        if self.shared_shrink is not None and not self.context.use_ref:
+            if self.context.batch.num_tokens != rows.shape[0]:
+                raise ValueError(f"LoRABatch covers {self.context.batch.num_tokens} tokens but the layer "
+                                 f"got {rows.shape[0]} rows")
+            self.shared_shrink.apply(self, x, rows, y, self.context.batch)
+        else:
+            self.context.apply(y, rows, self.lora_a, self.lora_b, self.scalings)
         return out
 
     def extra_repr(self) -> str:
