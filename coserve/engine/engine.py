@@ -180,8 +180,10 @@ class Engine:
         self.adapters.register(name, path)
 
     def unload_adapter(self, name: str) -> None:
-        if name in self.scheduler.running_adapters():
-            raise ValueError(f"adapter {name!r} is in use by running requests; unload it when they finish")
+        in_use = sum(1 for r in self.scheduler.requests.values() if r.adapter == name)
+        if in_use:
+            raise ValueError(f"adapter {name!r} is in use by {in_use} unfinished request(s); "
+                             "unload it when they finish")
         self.adapters.unregister(name)
 
     def list_adapters(self) -> list[str]:

@@ -135,3 +135,19 @@ def test_unsupported_model_type(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ValueError, match="supported: Llama, Mistral, Qwen2"):
         LLM(model=str(tmp_path))
+
+
+def test_unloading_an_adapter_in_use_is_refused(llm):
+    engine = llm.engine
+
+    def add_then_unload():
+        engine.add_request("pending-unload", [5, 6, 7], GREEDY, "good")
+        try:
+            engine.unload_adapter("good")
+        finally:
+            engine.abort_request("pending-unload")
+
+    with pytest.raises(ValueError, match="'good' is in use by 1 unfinished request"):
+        llm._loop.call(add_then_unload)
+    assert "good" in llm.list_adapters()
+    _still_serves(llm)
