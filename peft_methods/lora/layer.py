@@ -148,7 +148,11 @@ class MultiLoRALinear(nn.Module):
         weight = self.base_layer.weight
         with torch.no_grad():
             self.lora_a[slot] = lora_a.detach().to(device=weight.device, dtype=weight.dtype, copy=True)
-            self.lora_b[slot] = lora_b.detach().to(device=weight.device, dtype=weight.dtype, copy=True)
+            # NOTE: B is stored transposed and contiguous ([r, out]), the layout the expand GEMM
+            # reads fastest; lora_b[slot] is a [out, r] view of it for the reference op.
+            lora_b_t = torch.empty((rank, self.out_features), device=weight.device, dtype=weight.dtype)
+            lora_b_t.copy_(lora_b.detach().T)
+            self.lora_b[slot] = lora_b_t.T
         self.scalings[slot] = float(scaling)
         if self.shared_shrink is not None:
             self.shared_shrink.rebuild(slot)
