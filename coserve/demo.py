@@ -72,6 +72,7 @@ def run_demo(max_tokens: int = 48, device: str = "auto") -> None:
     adapters = [names[i % len(names)] for i in range(len(QUESTIONS))]
     conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    llm.chat(conversations[:2], SamplingParams(max_tokens=2), adapter=adapters[:2])  # warm-up, not timed
     start = time.perf_counter()
     outputs = llm.chat(conversations, params, adapter=adapters)
     elapsed = time.perf_counter() - start
