@@ -85,22 +85,15 @@ class ModelRunner:
         order = sorted(range(len(sequences)), key=lambda i: slots[i])
         input_ids: list[int] = []
         positions: list[int] = []
-        segments: list[tuple[int, int, int]] = []
         token_slots: list[int] = []
         sample_rows: list[int] = []
         sample_ids: list[str] = []
         attn_seqs = []
         for i in order:
             seq, slot = sequences[i], slots[i]
-            start_row = len(input_ids)
             input_ids.extend(seq.token_ids)
             positions.extend(range(seq.start_position, seq.start_position + seq.num_tokens))
             token_slots.extend([slot] * seq.num_tokens)
-            if slot != NO_ADAPTER_SLOT:
-                if segments and segments[-1][0] == slot and segments[-1][2] == start_row:
-                    segments[-1] = (slot, segments[-1][1], len(input_ids))
-                else:
-                    segments.append((slot, start_row, len(input_ids)))
             if seq.needs_sample:
                 sample_rows.append(len(input_ids) - 1)
                 sample_ids.append(seq.request_id)
@@ -110,7 +103,7 @@ class ModelRunner:
             input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
             positions=torch.tensor(positions, dtype=torch.long, device=device),
             attention=build_attention_metadata(attn_seqs, self.block_size, self.model.sliding_window, device),
-            lora=LoRABatch(segments=segments, token_slots=torch.tensor(token_slots, dtype=torch.long, device=device)),
+            lora=LoRABatch.from_slots(token_slots, device),
             sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
             sample_request_ids=sample_ids,
         )

@@ -63,8 +63,3 @@ class SharedShrink:
             if columns is None:
                 continue
             y[start:end].addmm_(h[:, columns[0]:columns[1]], member.lora_b[slot].T, alpha=member.scalings[slot])
-
-    def release(self) -> None:
-        """Drop the held activations (end of a forward)."""
-        self._cached_x = self._cached_batch = None
-        self._cached_h = []
