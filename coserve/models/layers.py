@@ -18,8 +18,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # NOTE: the variance is taken in fp32 whatever the model dtype, as HF does.
-        x32 = x.float()
+        # NOTE: the variance is taken in fp32 (or wider) whatever the model dtype, as HF does.
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 

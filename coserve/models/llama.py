@@ -8,6 +8,8 @@ the rows that need a sample (`compute_logits`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -92,6 +94,15 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+@dataclass
+class ActivationCapture:
+    """Rows of a forward whose activations finetuning keeps: filled by `CausalLM.forward`."""
+
+    rows: torch.Tensor                                              # [n] long, rows of the flat batch
+    layer_inputs: list[torch.Tensor] = field(default_factory=list)  # per layer: [n, hidden]
+    final_hidden: torch.Tensor | None = None                        # [n, hidden], before the final norm
+
+
 class CausalLM(nn.Module):
     """Llama / Mistral / Qwen2 for causal LM; one class, the differences are config flags."""
 
@@ -114,12 +125,20 @@ class CausalLM(nn.Module):
         return bool(getattr(self.config, "tie_word_embeddings", False))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[LayerKVCache],
-                meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions: [num_tokens] -> final hidden states [num_tokens, hidden]."""
+                meta: AttentionMetadata, capture: ActivationCapture | None = None) -> torch.Tensor:
+        """input_ids, positions: [num_tokens] -> final hidden states [num_tokens, hidden].
+
+        With `capture`, the input of every layer and the final pre-norm hidden state of the
+        capture's rows are recorded (finetuning keeps them for its backward).
+        """
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
         for layer, cache in zip(self.model.layers, kv_caches):
+            if capture is not None:
+                capture.layer_inputs.append(x.index_select(0, capture.rows))
             x = layer(x, cos, sin, cache, meta)
+        if capture is not None:
+            capture.final_hidden = x.index_select(0, capture.rows)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Token-level LoRA finetuning co-served with inference."""

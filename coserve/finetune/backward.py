@@ -1,0 +1,138 @@
+"""Exact token-window backward for LoRA finetuning, recomputing each layer from its saved input.
+
+A training sequence's backward runs over token windows in reverse order.
+For one window [start, end) it walks the layers top-down: the layer's forward
+is recomputed from its saved input (frozen base weights, trainable LoRA), the
+window's queries attend to the cached K/V of earlier tokens, and autograd
+returns the input gradient, the LoRA gradients and the gradient sent to
+earlier keys and values, which is added to the per-layer dK/dV accumulators.
+Each window's own K/V rows receive what later windows sent them. The result
+equals a full-sequence backward (tests check it in fp64).
+
+Recomputed: norms, q/k/v/o, attention, gate/up and the activation. Not
+recomputed: down_proj's output (the backward only needs its input gradient,
+formed from the frozen weight directly) and the vocabulary projection (its
+gradient was kept at forward time).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from coserve.finetune.buffers import SequenceBuffers
+from coserve.finetune.trainable import LoRAWeights, TrainableLoRA
+from coserve.models.attention import LayerKVCache
+from coserve.models.layers import apply_rotary
+
+LoRALookup = Callable[[str], LoRAWeights | None]
+
+
+def _base(module) -> torch.nn.Linear:
+    return getattr(module, "base_layer", module)
+
+
+def _linear(module, x: torch.Tensor, lora: LoRAWeights | None) -> torch.Tensor:
+    base = _base(module)
+    y = F.linear(x, base.weight, base.bias)
+    if lora is not None:
+        lora_a, lora_b, scaling = lora
+        y = y + scaling * F.linear(F.linear(x, lora_a.to(x.dtype)), lora_b.to(x.dtype))
+    return y
+
+
+def _visible_mask(start: int, end: int, sliding_window: int | None, device) -> torch.Tensor | None:
+    """[end - start, end] bool: causal (and windowed) visibility of keys 0..end-1 to queries start..end-1."""
+    if start == 0 and sliding_window is None:
+        return None
+    query_pos = torch.arange(start, end, device=device)[:, None]
+    key_pos = torch.arange(end, device=device)[None, :]
+    mask = key_pos <= query_pos
+    if sliding_window is not None:
+        mask &= key_pos > query_pos - sliding_window
+    return mask
+
+
+def layer_backward(layer, prefix: str, lora_of: LoRALookup, x: torch.Tensor, grad_out: torch.Tensor,
+                   cos: torch.Tensor, sin: torch.Tensor, key_past: torch.Tensor, value_past: torch.Tensor,
+                   grad_key: torch.Tensor, grad_value: torch.Tensor, sliding_window: int | None,
+                   need_input_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Backward of one decoder layer for a window of w tokens at positions [start, start + w).
+
+    Args:
+        x: [w, hidden] the layer's saved input for the window.
+        grad_out: [w, hidden] gradient at the layer's output.
+        key_past, value_past: [start, kv_heads, head_dim] cached K (after rope) and V of earlier tokens.
+        grad_key, grad_value: [w, kv_heads, head_dim] gradient later windows sent to this window's K/V.
+
+    Returns:
+        (grad of x or None, grad of key_past, grad of value_past); LoRA gradients accumulate in .grad.
+    """
+    attn, mlp = layer.self_attn, layer.mlp
+    num_tokens, start = x.shape[0], key_past.shape[0]
+    dtype = x.dtype
+    x = x.detach().requires_grad_(need_input_grad)
+    key_past = key_past.detach().requires_grad_(start > 0)
+    value_past = value_past.detach().requires_grad_(start > 0)
+    with torch.enable_grad():
+        normed = layer.input_layernorm(x)
+        q = _linear(attn.q_proj, normed, lora_of(f"{prefix}.self_attn.q_proj"))
+        k = _linear(attn.k_proj, normed, lora_of(f"{prefix}.self_attn.k_proj"))
+        v = _linear(attn.v_proj, normed, lora_of(f"{prefix}.self_attn.v_proj"))
+        q = apply_rotary(q.view(num_tokens, attn.num_heads, attn.head_dim), cos, sin)
+        k = apply_rotary(k.view(num_tokens, attn.num_kv_heads, attn.head_dim), cos, sin)
+        v = v.view(num_tokens, attn.num_kv_heads, attn.head_dim)
+        keys = torch.cat((key_past, k)) if start else k          # [end, kv_heads, head_dim]
+        values = torch.cat((value_past, v)) if start else v
+        mask = _visible_mask(start, start + num_tokens, sliding_window, x.device)
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+            attn_mask=mask, is_causal=mask is None, scale=attn.scale, enable_gqa=True)
+        out = out[0].transpose(0, 1).reshape(num_tokens, attn.num_heads * attn.head_dim)
+        hidden = x + _linear(attn.o_proj, out, lora_of(f"{prefix}.self_attn.o_proj"))
+        normed_mlp = layer.post_attention_layernorm(hidden)
+        gate = _linear(mlp.gate_proj, normed_mlp, lora_of(f"{prefix}.mlp.gate_proj"))
+        up = _linear(mlp.up_proj, normed_mlp, lora_of(f"{prefix}.mlp.up_proj"))
+        act = F.silu(gate) * up                                   # [w, intermediate]
+        grad_out = grad_out.to(dtype)
+        # down_proj: the frozen part's input gradient is one GEMM; its output is never needed.
+        roots, grads = [act, hidden, k, v], [grad_out @ _base(mlp.down_proj).weight, grad_out,
+                                             grad_key.to(dtype), grad_value.to(dtype)]
+        down_lora = lora_of(f"{prefix}.mlp.down_proj")
+        if down_lora is not None:
+            lora_a, lora_b, scaling = down_lora
+            roots.append(scaling * F.linear(F.linear(act, lora_a.to(dtype)), lora_b.to(dtype)))
+            grads.append(grad_out)
+        torch.autograd.backward(roots, grads)
+    return (x.grad if need_input_grad else None,
+            key_past.grad if start else None, value_past.grad if start else None)
+
+
+def sequence_backward_window(model, lora: TrainableLoRA, buffers: SequenceBuffers, kv_caches: list[LayerKVCache],
+                             slots: torch.Tensor, start: int, end: int) -> None:
+    """Backward of tokens [start, end) of one sequence through every layer, top-down.
+
+    Args:
+        slots: [>= end] long, KV-cache slot of each position of the sequence.
+    """
+    buffers.start_backward()
+    positions = torch.arange(start, end, device=slots.device)
+    dtype = buffers.layer_inputs.dtype
+    cos, sin = model.rotary(positions, dtype)
+    grad = buffers.grad_final[start:end]
+    past_slots = slots[:start]
+    layers = model.model.layers
+    for index in reversed(range(len(layers))):
+        cache = kv_caches[index]
+        kv_heads, head_dim = cache.key.shape[2], cache.key.shape[3]
+        key_past = cache.key.view(-1, kv_heads, head_dim).index_select(0, past_slots)
+        value_past = cache.value.view(-1, kv_heads, head_dim).index_select(0, past_slots)
+        grad_x, grad_key_past, grad_value_past = layer_backward(
+            layers[index], f"model.layers.{index}", lora.get, buffers.layer_inputs[index, start:end], grad,
+            cos, sin, key_past, value_past, buffers.grad_key[index, start:end], buffers.grad_value[index, start:end],
+            model.sliding_window, need_input_grad=index > 0)
+        if start:
+            buffers.grad_key[index, :start] += grad_key_past
+            buffers.grad_value[index, :start] += grad_value_past
+        grad = grad_x

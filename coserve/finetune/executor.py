@@ -1,0 +1,92 @@
+"""Torch side of finetuning inside one iteration: keep forward activations, run backward windows.
+
+The runner's fused forward captures the rows of training chunks
+(`ActivationCapture`); `record_forward` stores each chunk's layer inputs in its
+sequence's buffers and computes the chunk's loss and final-state gradient.
+`backward` runs one reverse token window (`sequence_backward_window`). Each
+training sequence is registered with its targets, its trainable adapter and
+its loss weight before its first chunk and released after its last window.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from coserve.finetune.backward import sequence_backward_window
+from coserve.finetune.buffers import SequenceBuffers
+from coserve.finetune.loss import loss_and_grad
+from coserve.finetune.trainable import TrainableLoRA
+from coserve.models.attention import LayerKVCache
+from coserve.models.llama import ActivationCapture, CausalLM, head_dim_of
+
+
+@dataclass
+class _Sequence:
+    lora: TrainableLoRA
+    buffers: SequenceBuffers
+    loss_scale: float
+
+
+@dataclass
+class ChunkLoss:
+    loss_sum: float
+    num_targets: int
+
+
+class FinetuneExecutor:
+    def __init__(self, model: CausalLM, kv_caches: list[LayerKVCache], block_size: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.dtype = dtype
+        self.device = device
+        self._sequences: dict[str, _Sequence] = {}
+
+    def register(self, seq_id: str, targets: list[int], lora: TrainableLoRA, loss_scale: float) -> None:
+        """targets[i]: the id that must follow token i (-100: no loss at i)."""
+        cfg = self.model.config
+        buffers = SequenceBuffers(cfg.num_hidden_layers, len(targets), cfg.hidden_size, cfg.num_key_value_heads,
+                                  head_dim_of(cfg), targets, self.dtype, self.device)
+        self._sequences[seq_id] = _Sequence(lora, buffers, loss_scale)
+
+    def release(self, seq_id: str) -> None:
+        self._sequences.pop(seq_id, None)
+
+    def is_registered(self, seq_id: str) -> bool:
+        return seq_id in self._sequences
+
+    def held_bytes(self) -> int:
+        """Bytes kept for backward by all registered sequences (K/V cache blocks not included)."""
+        return sum(s.buffers.nbytes() for s in self._sequences.values())
+
+    def record_forward(self, capture: ActivationCapture,
+                       chunks: list[tuple[str, int, int]]) -> dict[str, ChunkLoss]:
+        """Store the captured rows of each chunk and compute its loss.
+
+        Args:
+            chunks: (seq_id, start position, num tokens) in the capture's row order.
+        """
+        losses = {}
+        row = 0
+        for seq_id, start, num_tokens in chunks:
+            seq = self._sequences[seq_id]
+            rows = slice(row, row + num_tokens)
+            for index, layer_input in enumerate(capture.layer_inputs):
+                seq.buffers.layer_inputs[index, start:start + num_tokens] = layer_input[rows]
+            loss_sum, num_targets, grad = loss_and_grad(
+                self.model, capture.final_hidden[rows], seq.buffers.targets[start:start + num_tokens],
+                seq.loss_scale)
+            seq.buffers.grad_final[start:start + num_tokens] = grad
+            losses[seq_id] = ChunkLoss(loss_sum, num_targets)
+            row += num_tokens
+        return losses
+
+    def backward(self, seq_id: str, start: int, end: int, block_ids: list[int]) -> None:
+        """Backward of tokens [start, end) of a sequence whose forward is complete."""
+        seq = self._sequences[seq_id]
+        positions = torch.arange(end)
+        table = torch.tensor(block_ids, dtype=torch.long)
+        slots = (table[positions // self.block_size] * self.block_size + positions % self.block_size).to(self.device)
+        sequence_backward_window(self.model, seq.lora, seq.buffers, self.kv_caches, slots, start, end)
