@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from importlib import import_module
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "EngineConfig"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "EngineConfig", "FinetuneConfig"]
 
 _EXPORTS = {
     "LLM": "coserve.llm",
     "SamplingParams": "coserve.sampling_params",
     "RequestOutput": "coserve.outputs",
     "EngineConfig": "coserve.config",
+    "FinetuneConfig": "coserve.config",
 }
 
 

@@ -32,6 +32,14 @@ class SchedulerConfig:
     """Most distinct adapters used by running requests at once (the base model takes no slot)."""
     enable_chunked_prefill: bool = True
     """Split a long prompt over several iterations; if False a prompt must fit the budget whole."""
+    sharing: str = "coserve"
+    """"coserve": finetuning fills each iteration's leftover budget; "temporal": turns alternate."""
+    temporal_turn_tokens: int = 256
+    """Finetuning tokens (forward or backward) in one temporal-sharing turn."""
+    finetune_kv_fraction: float = 0.5
+    """Most of the KV blocks finetuning sequences may hold."""
+    min_finetune_tokens: int = 16
+    """Smallest finetuning chunk or window worth scheduling (unless less work is left)."""
 
     def __post_init__(self) -> None:
         _check(_is_positive_int(self.max_num_batched_tokens),
@@ -97,6 +105,17 @@ class EngineConfig:
     """Longest sequence (prompt + output); None = the model's max_position_embeddings."""
     use_lora_ref: bool = False
     """Run the reference (gather) LoRA op instead of the grouped one; for tests."""
+    tpot_slo_ms: float | None = None
+    """Per-iteration latency target; finetuning fills only what inference leaves under it.
+    None: no SLO, the iteration budget is max_num_batched_tokens (backward tokens weighted)."""
+    latency_profile: str | None = None
+    """JSON file with a saved latency profile: loaded if it exists, else written after profiling."""
+    sharing: str = "coserve"
+    """"coserve": finetuning shares each iteration; "temporal": separate iterations take turns."""
+    temporal_turn_tokens: int = 256
+    """With sharing="temporal": tokens of finetuning work in one finetuning turn."""
+    finetune_kv_fraction: float = 0.5
+    """Most of the KV cache finetuning sequences may hold, so inference is never starved."""
 
     def __post_init__(self) -> None:
         _check(isinstance(self.model, str) and bool(self.model), f"model must be a path, got {self.model!r}")
@@ -112,13 +131,23 @@ class EngineConfig:
                f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}")
         _check(self.max_model_len is None or _is_positive_int(self.max_model_len),
                f"max_model_len must be a positive integer or None, got {self.max_model_len!r}")
+        _check(self.tpot_slo_ms is None or (isinstance(self.tpot_slo_ms, (int, float)) and self.tpot_slo_ms > 0),
+               f"tpot_slo_ms must be positive or None, got {self.tpot_slo_ms!r}")
+        _check(self.sharing in ("coserve", "temporal"),
+               f"sharing must be 'coserve' or 'temporal', got {self.sharing!r}")
+        _check(_is_positive_int(self.temporal_turn_tokens),
+               f"temporal_turn_tokens must be a positive integer, got {self.temporal_turn_tokens!r}")
+        _check(isinstance(self.finetune_kv_fraction, (int, float)) and 0 < self.finetune_kv_fraction <= 1,
+               f"finetune_kv_fraction must be in (0, 1], got {self.finetune_kv_fraction!r}")
         # Validates the shared fields with the messages of the configs that own them.
         self.scheduler_config()
         self.cache_config()
 
     def scheduler_config(self) -> SchedulerConfig:
         return SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.max_loras,
-                               self.enable_chunked_prefill)
+                               self.enable_chunked_prefill, sharing=self.sharing,
+                               temporal_turn_tokens=self.temporal_turn_tokens,
+                               finetune_kv_fraction=self.finetune_kv_fraction)
 
     def cache_config(self) -> CacheConfig:
         return CacheConfig(self.block_size, self.num_kv_blocks)
@@ -139,3 +168,94 @@ class EngineConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if device.type == "cuda" else torch.float32
         return getattr(torch, self.dtype)
+
+
+_OPTIMIZERS = ("adamw", "sgd")
+_LR_SCHEDULERS = ("constant", "linear", "cosine")
+
+
+def _is_non_negative_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+@dataclass
+class FinetuneConfig:
+    """One finetuning job: which adapter, on what data, with which optimizer.
+
+    The loss of an optimizer step is the mean over all target tokens of the
+    step (every sequence of `batch_size * gradient_accumulation_steps`), not a
+    mean of per-sequence or per-micro-batch means.
+    """
+
+    adapter: str
+    """Name the trained adapter is served and saved under; must not be loaded already."""
+    dataset: object = None
+    """A .jsonl/.json/.csv/.parquet path, a `datasets.Dataset` or a list of row dicts."""
+    peft: object = None
+    """A `peft.LoraConfig` (or its dict); optional with `init_adapter`, whose config is then used."""
+    init_adapter: str | None = None
+    """A PEFT adapter directory to start from instead of peft's initialization."""
+    max_steps: int = 100
+    """Optimizer steps to run."""
+    batch_size: int = 4
+    """Sequences per micro-batch (also how many sequences are in flight at once)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    learning_rate: float = 1e-4
+    optimizer: str = "adamw"
+    """"adamw" (torch.optim.AdamW) or "sgd" (torch.optim.SGD)."""
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    """SGD momentum."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    lr_scheduler: str = "constant"
+    """"constant", "linear" or "cosine" (transformers' schedules), after `warmup_steps` of linear warmup."""
+    warmup_steps: int = 0
+    max_grad_norm: float | None = None
+    """Clip the global gradient norm to this value; None = no clipping."""
+    max_seq_len: int = 256
+    """Sequences are truncated (or packed) to this many tokens."""
+    packing: bool = False
+    """Concatenate rows into sequences of max_seq_len tokens instead of one row per sequence."""
+    shuffle: bool = True
+    """Shuffle rows with `seed`; False takes them in file order."""
+    seed: int = 0
+    """Seeds the row order and peft-style initialization."""
+    output_dir: str | None = None
+    """Where the final adapter is saved (PEFT format); checkpoints go to output_dir/checkpoint-<step>/."""
+    save_steps: int | None = None
+    """Write a checkpoint every this many optimizer steps; None = only the final adapter."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.adapter, str) and bool(self.adapter),
+               f"adapter must be a non-empty name, got {self.adapter!r}")
+        _check(self.dataset is not None, "dataset is required: a file path, a datasets.Dataset or a list of rows")
+        _check(self.peft is not None or self.init_adapter is not None,
+               "give peft (a peft.LoraConfig) or init_adapter (a saved adapter to continue)")
+        _check(_is_positive_int(self.max_steps), f"max_steps must be a positive integer, got {self.max_steps!r}")
+        _check(_is_positive_int(self.batch_size), f"batch_size must be a positive integer, got {self.batch_size!r}")
+        _check(_is_positive_int(self.gradient_accumulation_steps),
+               f"gradient_accumulation_steps must be a positive integer, got {self.gradient_accumulation_steps!r}")
+        _check(isinstance(self.learning_rate, (int, float)) and not isinstance(self.learning_rate, bool)
+               and self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate!r}")
+        _check(self.optimizer in _OPTIMIZERS, f"optimizer must be one of {_OPTIMIZERS}, got {self.optimizer!r}")
+        _check(self.lr_scheduler in _LR_SCHEDULERS,
+               f"lr_scheduler must be one of {_LR_SCHEDULERS}, got {self.lr_scheduler!r}")
+        _check(isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0,
+               f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        _check(isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1,
+               f"momentum must be in [0, 1), got {self.momentum!r}")
+        _check(_is_non_negative_int(self.warmup_steps), f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        _check(self.max_grad_norm is None or (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0),
+               f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
+        _check(_is_positive_int(self.max_seq_len) and self.max_seq_len >= 2,
+               f"max_seq_len must be an integer >= 2, got {self.max_seq_len!r}")
+        _check(self.save_steps is None or _is_positive_int(self.save_steps),
+               f"save_steps must be a positive integer or None, got {self.save_steps!r}")
+        _check(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        self.adam_betas = tuple(self.adam_betas)
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.batch_size * self.gradient_accumulation_steps

@@ -9,9 +9,10 @@ from __future__ import annotations
 import itertools
 from typing import Sequence
 
-from coserve.config import EngineConfig
+from coserve.config import EngineConfig, FinetuneConfig
 from coserve.engine.engine import Engine
 from coserve.engine.loop import EngineLoop
+from coserve.finetune.handle import FinetuneJobHandle
 from coserve.outputs import RequestOutput
 from coserve.sampling_params import SamplingParams
 
@@ -98,6 +99,22 @@ class LLM:
             if not isinstance(v, kind):
                 raise TypeError(f"{name} entries must be {kind}, got {type(v).__name__}")
         return values
+
+    # ---- finetuning -----------------------------------------------------------------------
+
+    def finetune(self, config: FinetuneConfig) -> FinetuneJobHandle:
+        """Start training an adapter in the engine's iterations, next to inference; returns at once.
+
+        Bad input (config, dataset rows, adapter name in use, ...) raises here and starts nothing.
+        The job runs while any thread waits on the engine (generate, job.wait) or in the background.
+        """
+        # NOTE: reading and tokenizing the dataset happens on the caller's thread, not between iterations.
+        job = self.engine.finetune.prepare(config)
+        self._loop.call(lambda: self.engine.finetune.submit(job))
+        return FinetuneJobHandle(job, self._loop)
+
+    def finetune_jobs(self) -> list[dict]:
+        return self._loop.call(lambda: [j.progress() for j in self.engine.finetune.jobs.values()])
 
     # ---- adapters and state --------------------------------------------------------------
 

@@ -116,6 +116,21 @@ class AdapterManager:
         self._entries[name] = _Entry(path=None)
         self._pinned[name] = adapter
 
+    def update_weights(self, name: str, adapter: LoRAAdapter) -> None:
+        """Replace an in-memory adapter's weights (a finetuning step); a resident slot is rewritten."""
+        self._require(name)
+        if name not in self._pinned:
+            raise ValueError(f"adapter {name!r} was loaded from a file; only in-memory adapters are updated")
+        self._validate(adapter, source=f"update of {name!r}")
+        self._pinned[name] = adapter
+        slot = self._slot_of.get(name)
+        if slot is not None:
+            self._load_into_slot(name, adapter, slot)
+
+    def validate(self, adapter: LoRAAdapter, source: str) -> None:
+        """Raise ValueError if the adapter does not fit the model or max_lora_rank."""
+        self._validate(adapter, source)
+
     def unregister(self, name: str) -> None:
         """Forget `name` and free its device slot."""
         self._require(name)

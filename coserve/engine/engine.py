@@ -1,9 +1,10 @@
-"""The engine core: owns model, KV cache, adapters, scheduler and runner.
+"""The engine core: owns model, KV cache, adapters, scheduler, runner and finetuning jobs.
 
 Single-threaded by design (DESIGN section 2): one caller drives `step()`.
-`step()` is schedule -> execute -> update, then the output side: stop strings,
-detokenization and clean-up of finished requests. `LLM` wraps it with a
-background loop for thread-safe use.
+`step()` is schedule -> execute (fused forward, then finetuning backward
+windows) -> update, then the output side: stop strings, detokenization,
+clean-up of finished requests and finetuning bookkeeping (optimizer steps).
+`LLM` wraps it with a loop for thread-safe use.
 """
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import logging
 import time
 
 
-from coserve.config import EngineConfig
+from coserve.config import EngineConfig, FinetuneConfig
 from coserve.engine.adapter_manager import AdapterManager, UnknownAdapterError
+from coserve.engine.budget import configure_budget
 from coserve.engine.detokenizer import IncrementalDetokenizer
 from coserve.engine.kv_cache import BlockManager
 from coserve.engine.outputs import RunnerOutput
@@ -20,7 +22,10 @@ from coserve.engine.request import Request, RequestStatus
 from coserve.engine.runner import ModelRunner
 from coserve.engine.scheduler import Scheduler
 from coserve.engine.stats import EngineStats
-from coserve.graph import inject_adapters
+from coserve.finetune.executor import FinetuneExecutor
+from coserve.finetune.job import FinetuneJob
+from coserve.finetune.manager import FinetuneManager
+from coserve.graph import inject_adapters, prune_backward
 from coserve.models.attention import allocate_kv_cache, kv_cache_bytes_per_block
 from coserve.models.checkpoint import load_tokenizer, resolve_checkpoint
 from coserve.models.llama import head_dim_of
@@ -39,6 +44,7 @@ class Engine:
         self.checkpoint = resolve_checkpoint(config.model)
         self.tokenizer = load_tokenizer(self.checkpoint)
         self.model = load_model(self.checkpoint, self.dtype, self.device)
+        self.model.requires_grad_(False)   # base weights are frozen; only LoRA weights train
         model_config = self.model.config
         self.max_model_len = config.max_model_len or model_config.max_position_embeddings
         self.eos_token_id = self.tokenizer.eos_token_id
@@ -57,9 +63,14 @@ class Engine:
                                            self.dtype, self.device)
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(config.scheduler_config(), self.block_manager)
+        self.prune_report = prune_backward(self.model, self.dtype, config.block_size)
+        executor = FinetuneExecutor(self.model, self.kv_caches, config.block_size, self.dtype, self.device)
         self.runner = ModelRunner(self.model, self.kv_caches, config.block_size, self.lora_context,
-                                  self.adapters, self.device)
+                                  self.adapters, self.device, finetune=executor)
+        self.finetune = FinetuneManager(self.model, self.tokenizer, self.adapters, self.scheduler.finetune, executor,
+                                        self.max_model_len, self.prune_report.kv_bytes_per_block, config.block_size)
         self.stats = EngineStats()
+        self.budget = configure_budget(self)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         logger.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens", config.model, self.device,
                     self.dtype, num_blocks, config.block_size)
@@ -128,7 +139,9 @@ class Engine:
             except Exception as exc:  # one bad batch must not stop the engine
                 logger.exception("iteration failed; failing its requests")
                 return self._fail_batch(scheduler_output, exc)
+            self.finetune.run_backward(scheduler_output.backward_windows)
             finished = self.scheduler.update(scheduler_output, runner_output)
+            self.finetune.after_iteration(scheduler_output, runner_output)
             self.stats.record_iteration(scheduler_output, time.perf_counter() - start)
         finished += self._check_stop_strings(scheduler_output)
         for request in finished:
@@ -150,7 +163,12 @@ class Engine:
 
     def _fail_batch(self, scheduler_output, exc: Exception) -> list[Request]:
         failed = []
+        training = [s.request_id for s in scheduler_output.sequences if s.is_training]
+        training += [w.seq_id for w in scheduler_output.backward_windows]
+        self.finetune.fail_sequences(training, f"iteration failed: {type(exc).__name__}: {exc}")
         for seq in scheduler_output.sequences:
+            if seq.is_training:
+                continue
             request = self.scheduler.get_request(seq.request_id)
             if request is None or request.is_finished:
                 continue
@@ -180,6 +198,9 @@ class Engine:
         self.adapters.register(name, path)
 
     def unload_adapter(self, name: str) -> None:
+        training = [j.job_id for j in self.finetune.jobs.values() if j.adapter == name and not j.is_finished]
+        if training:
+            raise ValueError(f"adapter {name!r} is being trained by job {training[0]}; cancel the job first")
         in_use = sum(1 for r in self.scheduler.requests.values() if r.adapter == name)
         if in_use:
             raise ValueError(f"adapter {name!r} is in use by {in_use} unfinished request(s); "
@@ -189,5 +210,20 @@ class Engine:
     def list_adapters(self) -> list[str]:
         return self.adapters.names()
 
+    # ---- finetuning ----------------------------------------------------------------------
+
+    def add_finetune_job(self, config: FinetuneConfig) -> FinetuneJob:
+        """Check and start a finetuning job (engine thread; `LLM.finetune` prepares off it)."""
+        return self.finetune.submit(self.finetune.prepare(config))
+
+    def cancel_finetune_job(self, job_id: str) -> bool:
+        return self.finetune.cancel(job_id)
+
     def get_stats(self) -> dict:
-        return self.stats.snapshot(self.scheduler, self.block_manager)
+        stats = self.stats.snapshot(self.scheduler, self.block_manager)
+        stats["budget"] = self.budget.to_dict(self.scheduler)
+        stats["latency_profile"] = self.budget.profile
+        stats["finetune"] = self.finetune.stats()
+        stats["finetune"]["planned_saved_bytes_per_token"] = self.prune_report.bytes_per_token
+        stats["finetune"]["recomputed"] = self.prune_report.recomputed
+        return stats

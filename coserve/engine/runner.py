@@ -4,8 +4,11 @@ The runner turns the scheduler's plain-Python plan into tensors (`ModelInput`),
 puts the iteration's adapters into device slots, orders sequences so each
 adapter's rows are contiguous (the grouped LoRA op then needs no gather), runs
 one fused forward over every scheduled token, and samples the sequences that
-reached their last known token. Per-request sampling state (params, seeded
-generator) lives here, registered by the engine when a request arrives.
+reached their last known token. Finetuning forward chunks ride in the same
+forward: their rows' activations are captured and handed to the
+`FinetuneExecutor`, which keeps them and computes the chunk's loss. Per-request
+sampling state (params, seeded generator) lives here, registered by the engine
+when a request arrives.
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ from coserve.engine.adapter_manager import AdapterManager
 from coserve.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
 from coserve.engine.sampler import Sampler, make_generator
 from coserve.models.attention import AttentionMetadata, LayerKVCache, build_attention_metadata
-from coserve.models.llama import CausalLM
+from coserve.finetune.executor import FinetuneExecutor
+from coserve.models.llama import ActivationCapture, CausalLM
 from coserve.sampling_params import SamplingParams
 from peft_methods.lora.layer import LoRABatch, LoRAContext
 
@@ -32,6 +36,9 @@ class ModelInput:
     lora: LoRABatch
     sample_rows: torch.Tensor       # [num_sampled] long: last row of each sequence that samples
     sample_request_ids: list[str]
+    training_rows: torch.Tensor     # [num_training_rows] long: rows of finetuning chunks
+    training_chunks: list[tuple[str, int, int]]
+    """(seq_id, start position, num tokens) of each finetuning chunk, in training_rows order."""
 
 
 @dataclass
@@ -42,8 +49,10 @@ class _RequestState:
 
 class ModelRunner:
     def __init__(self, model: CausalLM, kv_caches: list[LayerKVCache], block_size: int,
-                 lora_context: LoRAContext, adapters: AdapterManager, device: torch.device) -> None:
+                 lora_context: LoRAContext, adapters: AdapterManager, device: torch.device,
+                 finetune: FinetuneExecutor | None = None) -> None:
         self.model = model
+        self.finetune = finetune
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.lora_context = lora_context
@@ -59,13 +68,22 @@ class ModelRunner:
     def remove_request(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
 
-    @torch.inference_mode()
+    # NOTE: no_grad, not inference_mode: tensors kept for finetuning's backward must stay
+    # ordinary tensors that autograd may read later.
+    @torch.no_grad()
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        """The iteration's fused forward; samples and finetuning losses (backward windows run after)."""
+        output = RunnerOutput()
+        if not scheduler_output.sequences:
+            return output
         model_input = self.prepare_input(scheduler_output.sequences)
+        capture = ActivationCapture(model_input.training_rows) if model_input.training_chunks else None
         with self.lora_context.use(model_input.lora):
             hidden = self.model(model_input.input_ids, model_input.positions, self.kv_caches,
-                                model_input.attention)
-        output = RunnerOutput()
+                                model_input.attention, capture)
+        if capture is not None:
+            losses = self.finetune.record_forward(capture, model_input.training_chunks)
+            output.training_losses = {sid: (loss.loss_sum, loss.num_targets) for sid, loss in losses.items()}
         if not model_input.sample_request_ids:
             return output
         logits = self.model.compute_logits(hidden.index_select(0, model_input.sample_rows)).float()
@@ -88,9 +106,14 @@ class ModelRunner:
         token_slots: list[int] = []
         sample_rows: list[int] = []
         sample_ids: list[str] = []
+        training_rows: list[int] = []
+        training_chunks: list[tuple[str, int, int]] = []
         attn_seqs = []
         for i in order:
             seq, slot = sequences[i], slots[i]
+            if seq.is_training:
+                training_rows.extend(range(len(input_ids), len(input_ids) + seq.num_tokens))
+                training_chunks.append((seq.request_id, seq.start_position, seq.num_tokens))
             input_ids.extend(seq.token_ids)
             positions.extend(range(seq.start_position, seq.start_position + seq.num_tokens))
             token_slots.extend([slot] * seq.num_tokens)
@@ -106,4 +129,6 @@ class ModelRunner:
             lora=LoRABatch.from_slots(token_slots, device),
             sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
             sample_request_ids=sample_ids,
+            training_rows=torch.tensor(training_rows, dtype=torch.long, device=device),
+            training_chunks=training_chunks,
         )

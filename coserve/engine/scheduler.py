@@ -7,7 +7,8 @@ Python, no torch: tested with hand-made runner outputs and no model.
 NOTE: there is no prefill or decode phase. Every request simply needs
 `num_tokens_to_compute` more tokens of work (1 for a decode, the rest of the
 prompt for a prefill, prompt + output after a preemption), and the budget is
-filled in the order: running decodes, running prefill chunks, new requests.
+filled in the order: running decodes, running prefill chunks, new requests,
+then finetuning work (`finetune_planner.py`) with what the cost model says is left.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import time
 from collections import deque
 
 from coserve.config import SchedulerConfig
+from coserve.engine.cost_model import CostModel
+from coserve.engine.finetune_planner import FinetunePlanner
 from coserve.engine.kv_cache import BlockManager
 from coserve.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
 from coserve.engine.request import Request, RequestStatus
@@ -34,6 +37,21 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         # Failed in schedule(); the next update() returns them so none is dropped silently.
         self._finished_with_error: list[Request] = []
+        self.finetune = FinetunePlanner(scheduler_config, block_manager)
+        # Without an SLO the budget is counted in tokens, limited by max_num_batched_tokens.
+        self.cost_model = CostModel.token_units()
+        self.limit: float = float(scheduler_config.max_num_batched_tokens)
+        self._last_was_finetune_turn = False
+
+    def set_budget(self, cost_model: CostModel, limit: float) -> None:
+        """Plan iterations with this latency model under this limit (the TPOT SLO, in its unit)."""
+        self.cost_model, self.limit = cost_model, float(limit)
+
+    @property
+    def inference_token_budget(self) -> int:
+        """Most inference tokens per iteration: max_num_batched_tokens, lowered to fit the limit."""
+        fit = self.cost_model.max_forward_tokens(self.limit)
+        return max(1, min(self.config.max_num_batched_tokens, fit))
 
     # ------------------------------------------------------------------ queue
 
@@ -71,7 +89,10 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         # NOTE: requests that failed in schedule() count until update() returns
         # them, so an engine loop `while has_unfinished_requests(): step()` reports them.
-        return bool(self.requests) or bool(self._finished_with_error)
+        return bool(self.requests) or bool(self._finished_with_error) or self.finetune.has_work()
+
+    def has_inference_work(self) -> bool:
+        return bool(self.requests)
 
     @property
     def num_waiting(self) -> int:
@@ -88,7 +109,29 @@ class Scheduler:
     # --------------------------------------------------------------- schedule
 
     def schedule(self) -> SchedulerOutput:
-        """Fill this iteration's token budget: running decodes, running prefills, then new requests."""
+        """Plan one iteration: inference first, finetuning in what is left (or in its own turn)."""
+        if self.config.sharing == "temporal":
+            return self._schedule_temporal()
+        output = self._schedule_inference()
+        num_inference_tokens = output.num_scheduled_tokens
+        adapters = {s.adapter for s in output.sequences if s.adapter is not None}
+        chunks, windows = self.finetune.plan(self.cost_model, self.limit, num_inference_tokens, adapters)
+        output.sequences += chunks
+        output.backward_windows = windows
+        return output
+
+    def _schedule_temporal(self) -> SchedulerOutput:
+        """Temporal sharing: inference iterations and finetuning turns of K tokens take turns."""
+        finetune_turn = self.finetune.has_work() and (not self.requests or not self._last_was_finetune_turn)
+        self._last_was_finetune_turn = finetune_turn
+        if not finetune_turn:
+            return self._schedule_inference()
+        # In a turn, forward and backward tokens count alike: K tokens of finetuning work.
+        chunks, windows = self.finetune.plan(CostModel.token_units(1.0), self.config.temporal_turn_tokens, 0)
+        return SchedulerOutput(sequences=chunks, backward_windows=windows)
+
+    def _schedule_inference(self) -> SchedulerOutput:
+        """Fill the inference token budget: running decodes, running prefills, then new requests."""
         # request_id -> tokens scheduled this iteration, in fill order. A request
         # preempted later in this call is removed again and its budget reused.
         scheduled: dict[str, int] = {}
@@ -122,7 +165,8 @@ class Scheduler:
 
     def _admit_waiting(self, scheduled: dict[str, int]) -> None:
         """Move waiting requests to running, FIFO, while budget, seats and blocks allow."""
-        active_adapters = self.running_adapters()
+        # Adapters being trained hold a slot too (their forward chunks need one).
+        active_adapters = self.running_adapters() | self.finetune.active_adapters()
         passed_over: list[Request] = []  # no adapter slot; they keep their place in line
         while self.waiting:
             budget_left = self._budget_left(scheduled)
@@ -151,7 +195,7 @@ class Scheduler:
         self.waiting.extendleft(reversed(passed_over))
 
     def _budget_left(self, scheduled: dict[str, int]) -> int:
-        return self.config.max_num_batched_tokens - sum(scheduled.values())
+        return self.inference_token_budget - sum(scheduled.values())
 
     def _num_tokens_this_iteration(self, request: Request, budget_left: int) -> int:
         """Tokens of this request that fit the budget left; 0 if it must wait."""
@@ -194,10 +238,10 @@ class Scheduler:
             error = (f"request {request.request_id!r} needs {num_blocks} KV blocks, the cache has "
                      f"{self.block_manager.num_blocks}; raise num_kv_blocks or lower max_tokens")
         elif (not self.config.enable_chunked_prefill
-              and request.num_tokens_to_compute > self.config.max_num_batched_tokens):
+              and request.num_tokens_to_compute > self.inference_token_budget):
             error = (f"request {request.request_id!r} needs {request.num_tokens_to_compute} tokens in "
-                     f"one iteration, max_num_batched_tokens is {self.config.max_num_batched_tokens}; "
-                     f"enable chunked prefill or raise max_num_batched_tokens")
+                     f"one iteration, the budget is {self.inference_token_budget} tokens; "
+                     f"enable chunked prefill or raise max_num_batched_tokens (or the SLO)")
         else:
             return False
         request.error = error
@@ -227,7 +271,10 @@ class Scheduler:
             failed in the last schedule() (status FINISHED_ERROR, see `error`).
         """
         finished, self._finished_with_error = self._finished_with_error, []
+        self.finetune.update(scheduler_output)
         for seq in scheduler_output.sequences:
+            if seq.is_training:
+                continue
             request = self.requests.get(seq.request_id)
             if request is None or request.status is not RequestStatus.RUNNING:
                 continue  # aborted or finished between schedule() and update()

@@ -28,7 +28,9 @@ def _percentiles(values) -> dict:
 class EngineStats:
     def __init__(self) -> None:
         self.num_iterations = 0
-        self.tokens_by_kind = {"decode": 0, "prefill": 0}
+        self.tokens_by_kind = {"decode": 0, "prefill": 0, "finetune_forward": 0, "finetune_backward": 0}
+        self.iteration_seconds: deque[float] = deque(maxlen=_WINDOW)
+        self.iteration_kinds: deque[dict] = deque(maxlen=256)   # tokens by kind of recent iterations
         self.num_finished = 0
         self.finish_reasons: dict[str, int] = {}
         self.busy_seconds = 0.0
@@ -39,10 +41,19 @@ class EngineStats:
     def record_iteration(self, scheduler_output: SchedulerOutput, seconds: float) -> None:
         self.num_iterations += 1
         self.busy_seconds += seconds
+        kinds = dict.fromkeys(self.tokens_by_kind, 0)
         for seq in scheduler_output.sequences:
-            kind = "decode" if seq.num_tokens == 1 and seq.start_position > 0 else "prefill"
-            self.tokens_by_kind[kind] += seq.num_tokens
+            if seq.is_training:
+                kind = "finetune_forward"
+            else:
+                kind = "decode" if seq.num_tokens == 1 and seq.start_position > 0 else "prefill"
+            kinds[kind] += seq.num_tokens
+        kinds["finetune_backward"] += sum(w.num_tokens for w in scheduler_output.backward_windows)
+        for kind, count in kinds.items():
+            self.tokens_by_kind[kind] += count
         self.iteration_tokens.append(scheduler_output.num_scheduled_tokens)
+        self.iteration_seconds.append(seconds)
+        self.iteration_kinds.append(kinds)
 
     def record_finished(self, request: Request) -> None:
         self.num_finished += 1
@@ -52,6 +63,12 @@ class EngineStats:
             self.ttft.append(request.first_token_time - request.arrival_time)
             if request.finish_time is not None and request.num_output_tokens > 1:
                 self.tpot.append((request.finish_time - request.first_token_time) / (request.num_output_tokens - 1))
+
+    def _mean_by_kind(self) -> dict:
+        if not self.iteration_kinds:
+            return dict.fromkeys(self.tokens_by_kind, 0.0)
+        return {kind: sum(it[kind] for it in self.iteration_kinds) / len(self.iteration_kinds)
+                for kind in self.tokens_by_kind}
 
     def snapshot(self, scheduler, block_manager) -> dict:
         return {
@@ -67,4 +84,6 @@ class EngineStats:
             "num_waiting": scheduler.num_waiting,
             "kv_cache_usage": block_manager.usage,
             "busy_seconds": self.busy_seconds,
+            "iteration_seconds": _percentiles(self.iteration_seconds),
+            "mean_tokens_per_iteration_by_kind": self._mean_by_kind(),
         }

@@ -200,7 +200,8 @@ def tokenize_rows(rows: list[dict], tokenizer, max_seq_len: int, *, packing: boo
 
     Args:
         vocab_size: when given, every token id and label must lie in [0, vocab_size).
-        add_eos: append the tokenizer's EOS to text rows and completions.
+        add_eos: append the tokenizer's EOS to text rows and completions (chat rows end as the
+            template renders them; pre-tokenized rows are taken as given).
         source_name: names the data in error messages (e.g. the file path).
     Raises:
         DatasetError: listing every bad row (0-based row numbers) and their count.

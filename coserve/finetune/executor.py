@@ -23,9 +23,11 @@ from coserve.models.llama import ActivationCapture, CausalLM, head_dim_of
 
 @dataclass
 class _Sequence:
+    job_id: str
+    targets: list[int]
     lora: TrainableLoRA
-    buffers: SequenceBuffers
     loss_scale: float
+    buffers: SequenceBuffers | None = None   # allocated at the first forward chunk
 
 
 @dataclass
@@ -44,22 +46,48 @@ class FinetuneExecutor:
         self.device = device
         self._sequences: dict[str, _Sequence] = {}
 
-    def register(self, seq_id: str, targets: list[int], lora: TrainableLoRA, loss_scale: float) -> None:
+    def register(self, seq_id: str, targets: list[int], lora: TrainableLoRA, loss_scale: float,
+                 job_id: str = "") -> None:
         """targets[i]: the id that must follow token i (-100: no loss at i)."""
+        self._sequences[seq_id] = _Sequence(job_id, list(targets), lora, loss_scale)
+
+    def _buffers(self, seq: _Sequence) -> SequenceBuffers:
+        if seq.buffers is None:
+            cfg = self.model.config
+            seq.buffers = SequenceBuffers(cfg.num_hidden_layers, len(seq.targets), cfg.hidden_size,
+                                          cfg.num_key_value_heads, head_dim_of(cfg), seq.targets, self.dtype,
+                                          self.device)
+        return seq.buffers
+
+    def job_of(self, seq_id: str) -> str | None:
+        seq = self._sequences.get(seq_id)
+        return seq.job_id if seq is not None else None
+
+    def buffer_plan_bytes(self, length: int) -> int:
+        """Bytes one sequence of `length` tokens keeps outside the KV cache, from the real tensor sizes."""
         cfg = self.model.config
-        buffers = SequenceBuffers(cfg.num_hidden_layers, len(targets), cfg.hidden_size, cfg.num_key_value_heads,
-                                  head_dim_of(cfg), targets, self.dtype, self.device)
-        self._sequences[seq_id] = _Sequence(lora, buffers, loss_scale)
+        probe = SequenceBuffers(cfg.num_hidden_layers, length, cfg.hidden_size, cfg.num_key_value_heads,
+                                head_dim_of(cfg), [0] * length, self.dtype, torch.device("meta"))
+        return probe.nbytes()
 
     def release(self, seq_id: str) -> None:
         self._sequences.pop(seq_id, None)
+
+    def release_job(self, job_id: str) -> None:
+        for seq_id in [s for s, seq in self._sequences.items() if seq.job_id == job_id]:
+            del self._sequences[seq_id]
+
+    def sequence_bytes(self, seq_id: str) -> int:
+        """Bytes this sequence's buffers hold (dK/dV accumulators counted from the start)."""
+        seq = self._sequences.get(seq_id)
+        return seq.buffers.nbytes() if seq is not None and seq.buffers is not None else 0
 
     def is_registered(self, seq_id: str) -> bool:
         return seq_id in self._sequences
 
     def held_bytes(self) -> int:
         """Bytes kept for backward by all registered sequences (K/V cache blocks not included)."""
-        return sum(s.buffers.nbytes() for s in self._sequences.values())
+        return sum(s.buffers.nbytes() for s in self._sequences.values() if s.buffers is not None)
 
     def record_forward(self, capture: ActivationCapture,
                        chunks: list[tuple[str, int, int]]) -> dict[str, ChunkLoss]:
@@ -72,13 +100,13 @@ class FinetuneExecutor:
         row = 0
         for seq_id, start, num_tokens in chunks:
             seq = self._sequences[seq_id]
+            buffers = self._buffers(seq)
             rows = slice(row, row + num_tokens)
             for index, layer_input in enumerate(capture.layer_inputs):
-                seq.buffers.layer_inputs[index, start:start + num_tokens] = layer_input[rows]
+                buffers.layer_inputs[index, start:start + num_tokens] = layer_input[rows]
             loss_sum, num_targets, grad = loss_and_grad(
-                self.model, capture.final_hidden[rows], seq.buffers.targets[start:start + num_tokens],
-                seq.loss_scale)
-            seq.buffers.grad_final[start:start + num_tokens] = grad
+                self.model, capture.final_hidden[rows], buffers.targets[start:start + num_tokens], seq.loss_scale)
+            buffers.grad_final[start:start + num_tokens] = grad
             losses[seq_id] = ChunkLoss(loss_sum, num_targets)
             row += num_tokens
         return losses
@@ -89,4 +117,4 @@ class FinetuneExecutor:
         positions = torch.arange(end)
         table = torch.tensor(block_ids, dtype=torch.long)
         slots = (table[positions // self.block_size] * self.block_size + positions % self.block_size).to(self.device)
-        sequence_backward_window(self.model, seq.lora, seq.buffers, self.kv_caches, slots, start, end)
+        sequence_backward_window(self.model, seq.lora, self._buffers(seq), self.kv_caches, slots, start, end)

@@ -1,0 +1,70 @@
+"""The iteration budget: from the TPOT SLO and a latency profile, or in tokens without an SLO.
+
+With `tpot_slo_ms`, the engine profiles iteration latency at start-up (or
+loads the saved profile named by `latency_profile`) and the scheduler keeps
+every iteration's predicted latency under the SLO: inference first, finetuning
+in what is left. Without an SLO the budget is `max_num_batched_tokens` forward
+tokens, a backward token counting as several (`DEFAULT_BACKWARD_TOKEN_RATIO`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+
+from coserve.engine.cost_model import CostModel
+from coserve.engine.profiler import profile_latency
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Budget:
+    cost_model: CostModel
+    limit: float
+    tpot_slo_ms: float | None
+    profile: dict | None
+
+    def to_dict(self, scheduler) -> dict:
+        return {"tpot_slo_ms": self.tpot_slo_ms, "unit": self.cost_model.unit, "limit": self.limit,
+                "inference_token_budget": scheduler.inference_token_budget,
+                "max_forward_tokens": self.cost_model.max_forward_tokens(self.limit),
+                "max_backward_tokens": self.cost_model.max_backward_tokens(self.limit),
+                "sharing": scheduler.config.sharing}
+
+
+def configure_budget(engine) -> Budget:
+    config = engine.config
+    if config.tpot_slo_ms is None:
+        budget = Budget(CostModel.token_units(), float(config.max_num_batched_tokens), None, None)
+    else:
+        profile = _load_profile(config.latency_profile)
+        if profile is None:
+            profile = profile_latency(engine)
+            if config.latency_profile:
+                _save_profile(config.latency_profile, profile)
+        budget = Budget(CostModel.from_dict(profile), config.tpot_slo_ms / 1000.0, config.tpot_slo_ms, profile)
+        if budget.cost_model.max_forward_tokens(budget.limit) < 1:
+            logger.warning("tpot_slo_ms=%s is below the latency of a one-token iteration (%.1f ms); "
+                           "inference runs one token per iteration and finetuning gets no budget",
+                           config.tpot_slo_ms, 1e3 * budget.cost_model.forward_cost(1))
+    engine.scheduler.set_budget(budget.cost_model, budget.limit)
+    return budget
+
+
+def _load_profile(path: str | None) -> dict | None:
+    if not path or not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _save_profile(path: str, profile: dict) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(profile, f, indent=2)
+    os.replace(tmp, path)

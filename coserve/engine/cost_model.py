@@ -1,0 +1,58 @@
+"""Predicted iteration latency from token counts by kind, and the budget it implies.
+
+A linear model fitted to measurements (`coserve/engine/profiler.py`): an
+iteration with forward tokens costs `forward_base + forward_per_token * n`,
+and each backward window adds `backward_base + backward_per_token * n`.
+Without an SLO the same model is used in token units (a forward token costs 1,
+a backward token its measured ratio), with `max_num_batched_tokens` as limit.
+Pure Python: the scheduler plans with it and tests build it by hand.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+# A backward token recomputes the layer forward and runs its backward: about 3 forward tokens.
+DEFAULT_BACKWARD_TOKEN_RATIO = 3.0
+
+
+@dataclass
+class CostModel:
+    forward_base: float
+    forward_per_token: float
+    backward_base: float
+    backward_per_token: float
+    unit: str = "s"
+    """"s" for a measured profile, "tokens" for the token-count model used without an SLO."""
+
+    def __post_init__(self) -> None:
+        if self.forward_per_token <= 0 or self.backward_per_token <= 0:
+            raise ValueError("per-token costs must be positive")
+
+    @classmethod
+    def token_units(cls, backward_token_ratio: float = DEFAULT_BACKWARD_TOKEN_RATIO) -> "CostModel":
+        return cls(0.0, 1.0, 0.0, backward_token_ratio, unit="tokens")
+
+    def forward_cost(self, num_tokens: int) -> float:
+        return self.forward_base + self.forward_per_token * num_tokens if num_tokens else 0.0
+
+    def backward_cost(self, num_tokens: int) -> float:
+        return self.backward_base + self.backward_per_token * num_tokens if num_tokens else 0.0
+
+    def predict(self, num_forward_tokens: int, backward_windows: list[int] = ()) -> float:
+        return self.forward_cost(num_forward_tokens) + sum(self.backward_cost(n) for n in backward_windows)
+
+    def max_forward_tokens(self, limit: float) -> int:
+        """Most forward tokens an iteration may hold and stay within `limit`."""
+        return max(0, int((limit - self.forward_base) / self.forward_per_token))
+
+    def max_backward_tokens(self, limit: float) -> int:
+        """Most tokens one backward window may hold within `limit`."""
+        return max(0, int((limit - self.backward_base) / self.backward_per_token))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "CostModel":
+        return cls(**{k: raw[k] for k in ("forward_base", "forward_per_token", "backward_base",
+                                          "backward_per_token")}, unit=raw.get("unit", "s"))

@@ -1,0 +1,197 @@
+"""Finetuning's share of each iteration: which forward chunks and backward windows run.
+
+Pure Python, part of the scheduler. Jobs hand in the training sequences of
+their current optimizer step; the planner admits them (KV blocks for the whole
+sequence, at most `max_in_flight` per job, finetuning never holding more than
+`finetune_kv_fraction` of the cache), then fills the cost budget the inference
+part left: per job, backward windows first (they free memory), then forward
+chunks. Jobs share the leftover budget fairly, the first job rotating each
+iteration.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+
+from coserve.config import SchedulerConfig
+from coserve.engine.cost_model import CostModel
+from coserve.engine.kv_cache import BlockManager
+from coserve.engine.outputs import ScheduledSequence, SchedulerOutput
+from coserve.engine.training_sequence import BackwardWindow, TrainingSequence
+
+
+class _Job:
+    def __init__(self, adapter: str, max_in_flight: int) -> None:
+        self.adapter = adapter
+        self.max_in_flight = max_in_flight
+        self.pending: deque[TrainingSequence] = deque()
+        self.admitted: list[TrainingSequence] = []
+
+
+class FinetunePlanner:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.jobs: OrderedDict[str, _Job] = OrderedDict()
+        self.sequences: dict[str, TrainingSequence] = {}   # admitted ones, by id
+        self.completed: list[TrainingSequence] = []        # backward done; drained by the engine
+        self._num_blocks_held = 0
+
+    # ---- jobs ---------------------------------------------------------------------------------
+
+    def add_job(self, job_id: str, adapter: str, max_in_flight: int) -> None:
+        if job_id in self.jobs:
+            raise ValueError(f"finetuning job {job_id!r} already exists")
+        self.jobs[job_id] = _Job(adapter, max_in_flight)
+
+    def add_sequences(self, job_id: str, sequences: list[TrainingSequence]) -> None:
+        for seq in sequences:
+            num_blocks = self.block_manager.num_blocks_needed(seq.length)
+            if num_blocks > self._block_cap():
+                raise ValueError(f"a training sequence of {seq.length} tokens needs {num_blocks} KV blocks; "
+                                 f"finetuning may hold {self._block_cap()} (raise num_kv_blocks or "
+                                 f"finetune_kv_fraction, or lower max_seq_len)")
+        self.jobs[job_id].pending.extend(sequences)
+
+    def remove_job(self, job_id: str) -> list[str]:
+        """Forget a job and free its KV blocks; returns the ids of its admitted sequences."""
+        job = self.jobs.pop(job_id, None)
+        if job is None:
+            return []
+        for seq in job.admitted:
+            self._release(seq)
+        return [seq.seq_id for seq in job.admitted]
+
+    def has_work(self) -> bool:
+        return any(job.pending or job.admitted for job in self.jobs.values())
+
+    def active_adapters(self) -> set[str]:
+        """Adapters of jobs with work: each needs a device slot for its forward chunks."""
+        return {job.adapter for job in self.jobs.values() if job.pending or job.admitted}
+
+    def num_in_flight(self) -> int:
+        return len(self.sequences)
+
+    # ---- planning -----------------------------------------------------------------------------
+
+    def plan(self, cost: CostModel, limit: float, num_inference_tokens: int,
+             adapters_in_use: set[str] = frozenset()) -> tuple[list[ScheduledSequence], list[BackwardWindow]]:
+        """Chunks and windows that fit in `limit` after `num_inference_tokens` forward tokens.
+
+        `adapters_in_use`: adapters of this iteration's inference rows; a job whose adapter
+        would exceed max_loras runs only backward windows this time (they need no slot).
+        """
+        chunks: list[ScheduledSequence] = []
+        windows: list[BackwardWindow] = []
+        active = [job_id for job_id, job in self.jobs.items() if job.pending or job.admitted]
+        if not active:
+            return chunks, windows
+        state = {"forward": num_inference_tokens, "left": limit - cost.predict(num_inference_tokens),
+                 "planned": set(), "adapters": set(adapters_in_use)}
+        for index, job_id in enumerate(active):
+            share = state["left"] / (len(active) - index)
+            spent = self._plan_job(job_id, cost, share, state, chunks, windows)
+            state["left"] -= spent
+        # Rotate so a different job goes first (and gets the rounding) next time.
+        self.jobs.move_to_end(active[0])
+        return chunks, windows
+
+    def _plan_job(self, job_id: str, cost: CostModel, share: float, state: dict,
+                  chunks: list[ScheduledSequence], windows: list[BackwardWindow]) -> float:
+        job = self.jobs[job_id]
+        spent = 0.0
+        min_tokens = self.config.min_finetune_tokens
+        for seq in job.admitted:
+            if not seq.is_forward_done or seq.backward_end == 0:
+                continue
+            n = min(seq.backward_end, cost.max_backward_tokens(share - spent))
+            if n <= 0 or n < min(min_tokens, seq.backward_end):
+                continue
+            windows.append(BackwardWindow(seq.seq_id, seq.backward_end - n, seq.backward_end,
+                                          self.block_manager.block_ids(seq.seq_id)))
+            spent += cost.backward_cost(n)
+        planned: set[str] = state["planned"]
+        adapters: set[str] = state["adapters"]
+        if job.adapter not in adapters and len(adapters) >= self.config.max_loras:
+            return spent
+        while True:
+            seq = self._next_forward(job, planned)
+            if seq is None:
+                break
+            remaining = seq.length - seq.num_forward_done
+            n = min(remaining, self._max_forward(cost, share - spent, state["forward"]))
+            if n <= 0 or n < min(min_tokens, remaining):
+                break
+            if seq.seq_id not in self.sequences and not self._admit(job, seq):
+                break
+            start = seq.num_forward_done
+            chunks.append(ScheduledSequence(
+                request_id=seq.seq_id, token_ids=seq.token_ids[start:start + n], start_position=start,
+                block_ids=self.block_manager.block_ids(seq.seq_id), adapter=seq.adapter, needs_sample=False,
+                is_training=True))
+            spent += cost.forward_cost(state["forward"] + n) - cost.forward_cost(state["forward"])
+            state["forward"] += n
+            planned.add(seq.seq_id)
+            adapters.add(job.adapter)
+        return spent
+
+    def _next_forward(self, job: _Job, planned: set[str]) -> TrainingSequence | None:
+        """The next sequence needing forward work this iteration (one chunk per sequence)."""
+        for seq in job.admitted:
+            if not seq.is_forward_done and seq.seq_id not in planned:
+                return seq
+        if job.pending and len(job.admitted) < job.max_in_flight:
+            return job.pending[0]
+        return None
+
+    @staticmethod
+    def _max_forward(cost: CostModel, budget: float, num_forward_so_far: int) -> int:
+        base = cost.forward_base if num_forward_so_far == 0 else 0.0
+        return max(0, int((budget - base) / cost.forward_per_token))
+
+    def _block_cap(self) -> int:
+        return max(1, int(self.config.finetune_kv_fraction * self.block_manager.num_blocks))
+
+    def _admit(self, job: _Job, seq: TrainingSequence) -> bool:
+        num_blocks = self.block_manager.num_blocks_needed(seq.length)
+        if self._num_blocks_held + num_blocks > self._block_cap():
+            return False
+        if not self.block_manager.can_allocate(seq.seq_id, seq.length):
+            return False
+        self.block_manager.allocate(seq.seq_id, seq.length)
+        self._num_blocks_held += num_blocks
+        job.pending.popleft()
+        job.admitted.append(seq)
+        self.sequences[seq.seq_id] = seq
+        return True
+
+    # ---- progress -----------------------------------------------------------------------------
+
+    def update(self, output: SchedulerOutput) -> None:
+        """Confirm the planned forward chunks and apply the backward windows that ran."""
+        for chunk in output.sequences:
+            seq = self.sequences.get(chunk.request_id) if chunk.is_training else None
+            if seq is None:
+                continue
+            seq.num_forward_done += chunk.num_tokens
+            if seq.is_forward_done and seq.backward_end is None:
+                seq.backward_end = seq.length
+        for window in output.backward_windows:
+            seq = self.sequences.get(window.seq_id)
+            if seq is None:
+                continue
+            seq.backward_end = window.start
+            if seq.is_done:
+                self._release(seq)
+                job = self.jobs.get(seq.job_id)
+                if job is not None:
+                    job.admitted = [s for s in job.admitted if s is not seq]
+                self.completed.append(seq)
+
+    def pop_completed(self) -> list[TrainingSequence]:
+        completed, self.completed = self.completed, []
+        return completed
+
+    def _release(self, seq: TrainingSequence) -> None:
+        if self.sequences.pop(seq.seq_id, None) is not None:
+            self._num_blocks_held -= self.block_manager.num_blocks_needed(seq.length)
+            self.block_manager.free(seq.seq_id)

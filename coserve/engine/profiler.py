@@ -1,0 +1,113 @@
+"""Measure iteration latency against token count by kind, and fit the cost model.
+
+Runs at engine start-up when an SLO is set: forward iterations of n prefill
+tokens and backward windows of n finetuning tokens (rank-16 LoRA on every
+linear), each timed a few times after a warm-up, the median kept. A straight
+line through each kind's points gives `CostModel`; the raw points are kept
+for the dashboard.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+
+import torch
+
+from coserve.engine.cost_model import CostModel
+from coserve.engine.outputs import ScheduledSequence, SchedulerOutput
+from coserve.finetune.trainable import TrainableLoRA
+from peft_methods.lora.config import LoRAAdapterConfig
+
+logger = logging.getLogger(__name__)
+
+FORWARD_SIZES = (16, 64, 128, 256, 512)
+BACKWARD_SIZES = (16, 64, 128, 256)
+_REPEATS = 3
+_PROFILE_ID = "__latency_profile__"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _fit(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least-squares intercept and slope, the slope kept positive."""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
+    slope = max(slope, 1e-9)
+    return max(0.0, mean_y - slope * mean_x), slope
+
+
+def profile_latency(engine) -> dict:
+    """Time forward and backward iterations on `engine` (idle); returns the profile dict."""
+    sizes_f = [n for n in FORWARD_SIZES if n < engine.max_model_len]
+    sizes_b = [n for n in BACKWARD_SIZES if n < engine.max_model_len]
+    longest = max(sizes_f + sizes_b)
+    block_manager = engine.block_manager
+    if not block_manager.can_allocate(_PROFILE_ID, longest):
+        raise RuntimeError("the KV cache is too small to profile iteration latency")
+    block_manager.allocate(_PROFILE_ID, longest)
+    executor = engine.runner.finetune
+    lora = TrainableLoRA.initialize(LoRAAdapterConfig(r=16, lora_alpha=32, target_modules="all-linear"),
+                                    engine.adapters.layers, seed=0, device=engine.device)
+    try:
+        blocks = block_manager.block_ids(_PROFILE_ID)
+        vocab = engine.model.config.vocab_size
+        forward = [(n, _time_forward(engine, blocks, n, vocab)) for n in sizes_f]
+        backward = [(n, _time_backward(engine, executor, lora, blocks, n, vocab)) for n in sizes_b]
+    finally:
+        block_manager.free(_PROFILE_ID)
+        executor.release(_PROFILE_ID)
+    forward_base, forward_per_token = _fit(forward)
+    backward_base, backward_per_token = _fit(backward)
+    profile = CostModel(forward_base, forward_per_token, backward_base, backward_per_token).to_dict()
+    profile["points"] = {"forward": forward, "backward": backward}
+    logger.info("latency profile: forward %.2f ms + %.3f ms/token, backward %.2f ms + %.3f ms/token",
+                1e3 * forward_base, 1e3 * forward_per_token, 1e3 * backward_base, 1e3 * backward_per_token)
+    return profile
+
+
+def _prefill(n: int, blocks: list[int], vocab: int, training: bool) -> ScheduledSequence:
+    tokens = [(7 * i + 3) % vocab for i in range(n)]
+    return ScheduledSequence(_PROFILE_ID, tokens, 0, blocks, None, needs_sample=not training, is_training=training)
+
+
+def _median_time(fn, device: torch.device) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(_REPEATS):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _time_forward(engine, blocks: list[int], n: int, vocab: int) -> float:
+    engine.runner.add_request(_PROFILE_ID, _profile_sampling())
+    try:
+        output = SchedulerOutput(sequences=[_prefill(n, blocks, vocab, training=False)])
+        return _median_time(lambda: engine.runner.execute(output), engine.device)
+    finally:
+        engine.runner.remove_request(_PROFILE_ID)
+
+
+def _time_backward(engine, executor, lora, blocks: list[int], n: int, vocab: int) -> float:
+    executor.register(_PROFILE_ID, [(5 * i + 1) % vocab for i in range(n)], lora, 1.0 / n)
+    try:
+        engine.runner.execute(SchedulerOutput(sequences=[_prefill(n, blocks, vocab, training=True)]))
+        return _median_time(lambda: executor.backward(_PROFILE_ID, 0, n, blocks), engine.device)
+    finally:
+        executor.release(_PROFILE_ID)
+        for param in lora.parameters():
+            param.grad = None
+
+
+def _profile_sampling():
+    from coserve.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=1, temperature=0.0)

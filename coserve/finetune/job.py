@@ -1,0 +1,144 @@
+"""One finetuning job's training state: data plan, trainable adapter, optimizer, progress.
+
+The job knows nothing of iterations: the manager asks it for the sequences of
+its current optimizer step (`step_sequences`), reports losses and finished
+sequences back, and calls `optimizer_step` once every sequence of the step has
+done its backward. The loss of a step is the sum of token losses over all its
+target tokens divided by their count; each token's gradient is weighted by
+1 / that count (`loss_scale`), so the gradients sum to the step's mean loss.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from coserve.config import FinetuneConfig
+from coserve.finetune.dataset import IGNORE_INDEX, TrainingExample, step_batches
+from coserve.finetune.optim import build_lr_scheduler, build_optimizer
+from coserve.finetune.trainable import TrainableLoRA
+from peft_methods.lora.weights import save_adapter
+
+TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+TRAINING_STATE_NAME = "training_state.pt"
+
+
+@dataclass
+class StepSequence:
+    seq_id: str
+    token_ids: list[int]
+    targets: list[int]
+    """targets[i]: the token that must follow token i, IGNORE_INDEX for none."""
+
+
+class FinetuneJob:
+    def __init__(self, job_id: str, config: FinetuneConfig, examples: list[TrainingExample],
+                 lora: TrainableLoRA) -> None:
+        self.job_id = job_id
+        self.config = config
+        self.examples = examples
+        self.lora = lora
+        self.plan = step_batches(len(examples), config.sequences_per_step, config.max_steps,
+                                 shuffle=config.shuffle, seed=config.seed)
+        self.optimizer = build_optimizer(config, lora.parameters())
+        self.lr_scheduler = build_lr_scheduler(config, self.optimizer)
+        self.status = "queued"
+        self.error: str | None = None
+        self.step = 0                      # optimizer steps done
+        self.losses: list[float] = []
+        self.tokens_trained = 0            # tokens whose forward and backward are done
+        self.checkpoints: list[str] = []
+        self.created_at = time.time()
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.future: Future = Future()     # resolves when the job reaches a terminal status
+        self._loss_sum = 0.0
+        self._num_targets = 0
+        self._outstanding: set[str] = set()
+
+    @property
+    def adapter(self) -> str:
+        return self.config.adapter
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    # ---- one optimizer step -------------------------------------------------------------------
+
+    def step_sequences(self) -> tuple[list[StepSequence], float]:
+        """The sequences of the current step and the loss weight of one target token."""
+        sequences = []
+        for i, index in enumerate(self.plan[self.step]):
+            example = self.examples[index]
+            targets = list(example.labels[1:]) + [IGNORE_INDEX]
+            sequences.append(StepSequence(f"{self.job_id}/s{self.step}/{i}", list(example.input_ids), targets))
+        num_targets = sum(sum(t != IGNORE_INDEX for t in seq.targets) for seq in sequences)
+        self._outstanding = {seq.seq_id for seq in sequences}
+        self._loss_sum, self._num_targets = 0.0, 0
+        return sequences, 1.0 / num_targets
+
+    def record_loss(self, loss_sum: float, num_targets: int) -> None:
+        self._loss_sum += loss_sum
+        self._num_targets += num_targets
+
+    def sequence_done(self, seq_id: str, num_tokens: int) -> bool:
+        """Note a finished backward; True when the whole step is done."""
+        self._outstanding.discard(seq_id)
+        self.tokens_trained += num_tokens
+        return not self._outstanding
+
+    def optimizer_step(self) -> float:
+        """Clip, step the optimizer and the schedule; returns the step's mean loss."""
+        params = self.lora.parameters()
+        if self.config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._loss_sum / max(1, self._num_targets)
+        self.losses.append(loss)
+        self.step += 1
+        return loss
+
+    @property
+    def is_last_step(self) -> bool:
+        return self.step >= self.config.max_steps
+
+    # ---- saving -------------------------------------------------------------------------------
+
+    def save_adapter(self, path: str | os.PathLike) -> None:
+        save_adapter(self.lora.to_adapter(), path)
+
+    def save_checkpoint(self) -> str:
+        """output_dir/checkpoint-<step>/: adapter, optimizer, schedule, data position; written atomically."""
+        root = Path(self.config.output_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"checkpoint-{self.step}"
+        tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{self.step}-", dir=root))
+        try:
+            self.save_adapter(tmp)
+            torch.save({"step": self.step, "losses": list(self.losses), "tokens_trained": self.tokens_trained,
+                        "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+                        "rng": torch.get_rng_state(), "config_seed": self.config.seed}, tmp / TRAINING_STATE_NAME)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.checkpoints.append(str(final))
+        return str(final)
+
+    def progress(self) -> dict:
+        return {"job_id": self.job_id, "adapter": self.adapter, "status": self.status, "error": self.error,
+                "step": self.step, "max_steps": self.config.max_steps, "losses": list(self.losses),
+                "last_loss": self.losses[-1] if self.losses else None, "tokens_trained": self.tokens_trained,
+                "checkpoints": list(self.checkpoints), "created_at": self.created_at,
+                "started_at": self.started_at, "finished_at": self.finished_at}

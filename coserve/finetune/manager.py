@@ -1,0 +1,221 @@
+"""Runs finetuning jobs inside the engine: admission, per-iteration bookkeeping, steps, saving.
+
+`prepare` turns a FinetuneConfig into a ready `FinetuneJob` (data read and
+tokenized, adapter initialized, every check done) and may run on any thread.
+Everything else runs on the engine's thread between iterations: `submit`
+registers the adapter for serving and hands the first step's sequences to the
+scheduler; `after_iteration` books losses and finished backwards, steps the
+optimizer when a step is complete, pushes the new weights to the serving slot
+and writes checkpoints. A job that fails or is cancelled frees its KV blocks
+and buffers and fails alone.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+
+from coserve.config import FinetuneConfig
+from coserve.engine.adapter_manager import AdapterManager
+from coserve.engine.finetune_planner import FinetunePlanner
+from coserve.engine.outputs import RunnerOutput, SchedulerOutput
+from coserve.engine.training_sequence import BackwardWindow, TrainingSequence
+from coserve.finetune.dataset import load_rows, tokenize_rows
+from coserve.finetune.executor import FinetuneExecutor
+from coserve.finetune.job import FinetuneJob
+from coserve.finetune.peft_config import lora_config_from_peft
+from coserve.finetune.trainable import TrainableLoRA
+from peft_methods.lora.weights import load_adapter
+
+logger = logging.getLogger(__name__)
+_job_counter = itertools.count()
+
+
+class FinetuneManager:
+    def __init__(self, model, tokenizer, adapters: AdapterManager, planner: FinetunePlanner,
+                 executor: FinetuneExecutor, max_model_len: int, kv_bytes_per_block: int, block_size: int) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.adapters = adapters
+        self.planner = planner
+        self.executor = executor
+        self.max_model_len = max_model_len
+        self.kv_bytes_per_block = kv_bytes_per_block
+        self.block_size = block_size
+        self.jobs: dict[str, FinetuneJob] = {}
+        self.saved_bytes_per_token: float | None = None   # measured when a sequence's forward completes
+
+    # ---- creating jobs ------------------------------------------------------------------------
+
+    def prepare(self, config: FinetuneConfig) -> FinetuneJob:
+        """Build a job from its config; raises ValueError (DatasetError, AdapterLoadError) on bad input."""
+        if not isinstance(config, FinetuneConfig):
+            raise TypeError(f"expected a FinetuneConfig, got {type(config).__name__}")
+        self._check_name_free(config.adapter)
+        if config.max_seq_len > self.max_model_len:
+            raise ValueError(f"max_seq_len {config.max_seq_len} is longer than the model's maximum length "
+                             f"{self.max_model_len}")
+        if config.save_steps is not None and config.output_dir is None:
+            raise ValueError("save_steps needs output_dir: checkpoints are written to output_dir/checkpoint-<step>/")
+        lora = self._initial_lora(config)
+        rows = load_rows(config.dataset)
+        source = config.dataset if isinstance(config.dataset, (str, os.PathLike)) else "dataset"
+        examples = tokenize_rows(rows, self.tokenizer, config.max_seq_len, packing=config.packing,
+                                 vocab_size=self.model.config.vocab_size, source_name=str(source))
+        return FinetuneJob(f"ftjob-{next(_job_counter)}", config, examples, lora)
+
+    def _initial_lora(self, config: FinetuneConfig) -> TrainableLoRA:
+        device = self.model.lm_head.weight.device
+        if config.init_adapter is not None:
+            adapter = load_adapter(config.init_adapter)
+            if config.peft is not None:
+                logger.info("init_adapter given: its own LoRA config is used, the peft argument is ignored")
+            self.adapters.validate(adapter, source=str(config.init_adapter))
+            return TrainableLoRA.from_adapter(adapter, device)
+        lora_config = lora_config_from_peft(config.peft)
+        lora = TrainableLoRA.initialize(lora_config, self.adapters.layers, config.seed, device)
+        too_big = max(a.shape[0] for a, _ in lora.params.values())
+        if too_big > self.adapters.max_lora_rank:
+            raise ValueError(f"LoRA rank {too_big} is above max_lora_rank={self.adapters.max_lora_rank}")
+        return lora
+
+    def _check_name_free(self, name: str) -> None:
+        if self.adapters.has(name):
+            raise ValueError(f"adapter name {name!r} is already in use; pick another name or unload it first")
+        for job in self.jobs.values():
+            if job.adapter == name and not job.is_finished:
+                raise ValueError(f"adapter name {name!r} is being trained by job {job.job_id}")
+
+    def submit(self, job: FinetuneJob) -> FinetuneJob:
+        """Engine thread: register the adapter for serving and queue the first step."""
+        self._check_name_free(job.adapter)
+        self.adapters.register_weights(job.adapter, job.lora.to_adapter())
+        self.jobs[job.job_id] = job
+        self.planner.add_job(job.job_id, job.adapter, max_in_flight=job.config.batch_size)
+        job.status, job.started_at = "running", time.time()
+        try:
+            self._start_step(job)
+        except Exception as exc:
+            self.fail(job.job_id, f"{type(exc).__name__}: {exc}")
+        logger.info("finetuning job %s started: adapter %r, %d examples, %d steps", job.job_id, job.adapter,
+                    len(job.examples), job.config.max_steps)
+        return job
+
+    def _start_step(self, job: FinetuneJob) -> None:
+        sequences, loss_scale = job.step_sequences()
+        for seq in sequences:
+            self.executor.register(seq.seq_id, seq.targets, job.lora, loss_scale, job_id=job.job_id)
+        self.planner.add_sequences(job.job_id, [TrainingSequence(s.seq_id, job.job_id, job.adapter, s.token_ids)
+                                                for s in sequences])
+
+    # ---- per iteration ------------------------------------------------------------------------
+
+    def run_backward(self, windows: list[BackwardWindow]) -> None:
+        """Run the iteration's backward windows; a failure fails that window's job only."""
+        for window in windows:
+            job_id = self.executor.job_of(window.seq_id)
+            job = self.jobs.get(job_id) if job_id is not None else None
+            if job is None or job.is_finished:
+                continue
+            try:
+                self.executor.backward(window.seq_id, window.start, window.end, window.block_ids)
+            except Exception as exc:
+                logger.exception("backward failed in job %s", job_id)
+                self.fail(job_id, f"backward failed: {type(exc).__name__}: {exc}")
+
+    def after_iteration(self, output: SchedulerOutput, runner_output: RunnerOutput) -> None:
+        for chunk in output.sequences:
+            if not chunk.is_training:
+                continue
+            job = self.jobs.get(self.executor.job_of(chunk.request_id) or "")
+            loss = runner_output.training_losses.get(chunk.request_id)
+            if job is not None and loss is not None:
+                job.record_loss(*loss)
+            seq = self.planner.sequences.get(chunk.request_id)
+            if seq is not None and seq.is_forward_done and seq.backward_end == seq.length:
+                self._measure_saved_bytes(chunk.request_id, seq.length)
+        for seq in self.planner.pop_completed():
+            self.executor.release(seq.seq_id)
+            job = self.jobs.get(seq.job_id)
+            if job is None or job.is_finished:
+                continue
+            if job.sequence_done(seq.seq_id, seq.length):
+                self._finish_step(job)
+
+    def _measure_saved_bytes(self, seq_id: str, length: int) -> None:
+        """Bytes kept for this sequence's backward (buffers + its KV blocks) per token."""
+        buffer_bytes = self.executor.sequence_bytes(seq_id)
+        kv_bytes = self.planner.block_manager.num_blocks_needed(length) * self.kv_bytes_per_block
+        self.saved_bytes_per_token = (buffer_bytes + kv_bytes) / length
+
+    def _finish_step(self, job: FinetuneJob) -> None:
+        try:
+            loss = job.optimizer_step()
+            self.adapters.update_weights(job.adapter, job.lora.to_adapter())
+            if job.config.save_steps and job.step % job.config.save_steps == 0 and not job.is_last_step:
+                job.save_checkpoint()
+            logger.info("job %s step %d/%d loss %.4f", job.job_id, job.step, job.config.max_steps, loss)
+            if job.is_last_step:
+                self._succeed(job)
+            else:
+                self._start_step(job)
+        except Exception as exc:
+            logger.exception("job %s failed after step %d", job.job_id, job.step)
+            self.fail(job.job_id, f"{type(exc).__name__}: {exc}")
+
+    def _succeed(self, job: FinetuneJob) -> None:
+        if job.config.output_dir is not None:
+            if job.config.save_steps and job.step % job.config.save_steps == 0:
+                job.save_checkpoint()
+            job.save_adapter(job.config.output_dir)
+        self.planner.remove_job(job.job_id)
+        self._end(job, "succeeded")
+
+    # ---- ending jobs --------------------------------------------------------------------------
+
+    def cancel(self, job_id: str) -> bool:
+        job = self.jobs.get(job_id)
+        if job is None or job.is_finished:
+            return False
+        self._drop(job)
+        self._end(job, "cancelled")
+        return True
+
+    def fail(self, job_id: str, error: str) -> None:
+        job = self.jobs.get(job_id)
+        if job is None or job.is_finished:
+            return
+        job.error = error
+        self._drop(job)
+        self._end(job, "failed")
+
+    def fail_sequences(self, seq_ids: list[str], error: str) -> None:
+        """The iteration holding these training chunks failed: fail their jobs."""
+        for job_id in {self.executor.job_of(s) for s in seq_ids} - {None}:
+            self.fail(job_id, error)
+
+    def _drop(self, job: FinetuneJob) -> None:
+        """Free the job's KV blocks, buffers and (when nobody uses it) its serving adapter."""
+        for seq_id in self.planner.remove_job(job.job_id):
+            self.executor.release(seq_id)
+        self.executor.release_job(job.job_id)
+        job.optimizer.zero_grad(set_to_none=True)
+        try:
+            self.adapters.unregister(job.adapter)
+        except Exception:  # still served to running requests; it stays loaded at its last weights
+            logger.info("adapter %r of job %s kept loaded", job.adapter, job.job_id)
+
+    def _end(self, job: FinetuneJob, status: str) -> None:
+        job.status, job.finished_at = status, time.time()
+        if not job.future.done():
+            job.future.set_result(job)
+
+    def has_active_jobs(self) -> bool:
+        return any(not job.is_finished for job in self.jobs.values())
+
+    def stats(self) -> dict:
+        return {"jobs": {job_id: job.progress() for job_id, job in self.jobs.items()},
+                "num_sequences_in_flight": self.planner.num_in_flight(),
+                "held_bytes": self.executor.held_bytes(),
+                "saved_bytes_per_token": self.saved_bytes_per_token}
