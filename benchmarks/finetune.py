@@ -11,6 +11,7 @@ on all linear layers, AdamW, the same batch size on both sides:
 from __future__ import annotations
 
 import gc
+import os
 import random
 import sys
 import time
@@ -51,7 +52,7 @@ class Setting:
 
 
 FULL = Setting(batch_size=2, seq_len=512, timed_steps=6, repeats=2)
-QUICK = Setting(batch_size=2, seq_len=512, timed_steps=2, repeats=1)
+QUICK = Setting(batch_size=2, seq_len=512, timed_steps=2, repeats=2)
 
 
 def random_rows(vocab_size: int, num_rows: int, seq_len: int, seed: int = 0) -> list[dict]:
@@ -61,8 +62,11 @@ def random_rows(vocab_size: int, num_rows: int, seq_len: int, seed: int = 0) -> 
             for _ in range(num_rows)]
 
 
-def finetune_config(rows: list[dict], batch_size: int, seq_len: int, max_steps: int = 10**6):
-    """The job every co-serving and finetuning benchmark trains: a fresh all-linear LoRA r=16."""
+def finetune_config(rows: list[dict], batch_size: int, seq_len: int, max_steps: int = 10_000):
+    """The job every co-serving and finetuning benchmark trains: a fresh all-linear LoRA r=16.
+
+    NOTE: the job plans all `max_steps` up front; 10,000 outlasts any benchmark window.
+    """
     from peft import LoraConfig
 
     from coserve.config import FinetuneConfig
@@ -92,6 +96,7 @@ def engine_finetune_run(model_dir: str, setting: Setting, device: torch.device) 
                                  max_num_batched_tokens=setting.max_num_batched_tokens,
                                  max_model_len=max(1024, setting.seq_len), kv_cache_memory_gb=0.5))
     try:
+        profile = _latency_profile(engine)
         job = engine.add_finetune_job(finetune_config(rows, setting.batch_size, setting.seq_len, num_steps))
         _step_until(engine, job, lambda: len(job.losses) >= 1)
         tokens_before, stats_before = job.tokens_trained, engine.get_stats()
@@ -108,7 +113,7 @@ def engine_finetune_run(model_dir: str, setting: Setting, device: torch.device) 
     return {"tokens_per_s": tokens / wall, "seconds_per_step": wall / setting.timed_steps, "wall_s": wall,
             "tokens_trained": tokens, "losses": [round(x, 4) for x in job.losses],
             "tokens_by_kind": kinds, "num_iterations": stats["num_iterations"] - stats_before["num_iterations"],
-            "finetune_stats": stats.get("finetune", {}), "latency_profile": stats.get("latency_profile")}
+            "finetune_stats": stats.get("finetune", {}), "latency_profile": profile}
 
 
 def _saved_bytes_per_token(finetune_stats: dict) -> float | None:
@@ -121,10 +126,19 @@ def _saved_bytes_per_token(finetune_stats: dict) -> float | None:
     return None
 
 
-def _backward_cost_ratio(profile) -> float | None:
-    """Measured cost of a backward token over a forward token, when the engine reports a latency profile."""
-    if isinstance(profile, dict) and profile.get("forward_per_token") and profile.get("backward_per_token"):
-        return profile["backward_per_token"] / profile["forward_per_token"]
+def _latency_profile(engine) -> dict | None:
+    """The engine's own start-up latency profile (forward and backward iterations), measured idle."""
+    try:
+        from coserve.engine.profiler import profile_latency
+    except ImportError:
+        return None
+    return profile_latency(engine)
+
+
+def _backward_cost_ratio(profile: dict | None) -> float | None:
+    """Measured cost of a backward token (recompute + backward) over a forward token."""
+    if profile and profile.get("forward_per_token") and profile.get("backward_per_token"):
+        return round(profile["backward_per_token"] / profile["forward_per_token"], 3)
     return None
 
 
@@ -151,9 +165,10 @@ NOTES = [
     "layer inputs, final-state loss gradient, targets and KV blocks, over its length."),
     ("peft_saved_bytes_per_token: storages autograd keeps in one plain peft training forward + loss "
     "(batch 1), model weights excluded (benchmarks.peft_reference.measure_peft_saved_bytes)."),
-    ("backward_cost_ratio: a backward token's cost over a forward token's from the engine's latency profile "
-    "(recompute + backward; null when the engine reports none); recompute_flop_share: analytic share of a "
-    "trained token's FLOPs spent recomputing."),
+    ("backward_cost_ratio: per-token slope of backward-window latency over that of forward iterations, "
+    "from the engine's latency profiler run on the idle engine before training (a backward token "
+    "recomputes its layers' forward and then runs the backward); recompute_flop_share: analytic share "
+    "of a trained token's FLOPs spent recomputing (see recompute_flop_share)."),
 ]
 
 
@@ -166,6 +181,8 @@ def run_finetune_benchmark(quick: bool, device: str = "auto") -> dict:
 
     hf_logging.disable_progress_bar()
     dev = resolve_device(device)
+    # NOTE: other jobs on these shared cores slow every figure; the load average says if there were any.
+    load_at_start = round(os.getloadavg()[0], 2)
     setting = QUICK if quick else FULL
     model_dir = bench_small_dir()
     cfg = load_hf_config(model_dir)
@@ -186,7 +203,8 @@ def run_finetune_benchmark(quick: bool, device: str = "auto") -> dict:
         "speedup_vs_peft": best_ours["tokens_per_s"] / best_peft["tokens_per_s"],
     }
     return {
-        "benchmark": "finetune", "model": "bench-small", "quick": quick, "machine": machine_info(dev),
+        "benchmark": "finetune", "model": "bench-small", "quick": quick,
+        "machine": {**machine_info(dev), "load_average_at_start": load_at_start},
         "saved_bytes_per_token": saved,
         "peft_saved_bytes_per_token": peft_bytes["saved_bytes_per_token"],
         **{k: (round(v, 4) if v is not None else None) for k, v in figures.items()},
@@ -195,7 +213,7 @@ def run_finetune_benchmark(quick: bool, device: str = "auto") -> dict:
                              "peft": [round(r["tokens_per_s"], 1) for r in peft]},
         "seconds_per_step": {"engine": round(best_ours["seconds_per_step"], 3),
                              "peft": round(best_peft["seconds_per_step"], 3)},
-        "recomputed": RECOMPUTED,
+        "recomputed": best_ours["finetune_stats"].get("recomputed", RECOMPUTED),
         "backward_cost_ratio": _backward_cost_ratio(best_ours["latency_profile"]),
         "recompute_flop_share": round(recompute_flop_share(cfg), 3),
         "engine_run": {k: best_ours[k] for k in ("tokens_by_kind", "num_iterations", "losses", "finetune_stats")},

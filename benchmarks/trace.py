@@ -48,12 +48,24 @@ def poisson_trace(rate: float, duration_s: float, prompt_range: tuple[int, int],
     trace: list[TraceRequest] = []
     now = rng.expovariate(rate)
     while now < duration_s:
-        prompt_len = rng.randint(*prompt_range)
-        prompt = [rng.randrange(MIN_TOKEN_ID, vocab_size) for _ in range(prompt_len)]
-        trace.append(TraceRequest(f"trace-{len(trace)}", now, prompt, rng.randint(*output_range),
-                                  rng.choice(adapters)))
+        trace.append(_draw_request(rng, len(trace), now, prompt_range, output_range, adapters, vocab_size))
         now += rng.expovariate(rate)
     return trace
+
+
+def burst_trace(num_requests: int, prompt_range: tuple[int, int], output_range: tuple[int, int],
+                adapters: list[str], vocab_size: int, seed: int = 0) -> list[TraceRequest]:
+    """`num_requests` requests all arriving at 0, drawn like `poisson_trace`'s."""
+    if not adapters:
+        raise ValueError("give at least one adapter name")
+    rng = random.Random(seed)
+    return [_draw_request(rng, i, 0.0, prompt_range, output_range, adapters, vocab_size) for i in range(num_requests)]
+
+
+def _draw_request(rng: random.Random, index: int, arrival_s: float, prompt_range: tuple[int, int],
+                  output_range: tuple[int, int], adapters: list[str], vocab_size: int) -> TraceRequest:
+    prompt = [rng.randrange(MIN_TOKEN_ID, vocab_size) for _ in range(rng.randint(*prompt_range))]
+    return TraceRequest(f"trace-{index}", arrival_s, prompt, rng.randint(*output_range), rng.choice(adapters))
 
 
 def mean_request_tokens(prompt_range: tuple[int, int], output_range: tuple[int, int]) -> float:

@@ -5,6 +5,7 @@ from benchmarks.trace import (
     RequestTiming,
     Slo,
     best_setting,
+    burst_trace,
     mean_request_tokens,
     percentile,
     poisson_trace,
@@ -40,6 +41,13 @@ def test_trace_rate_is_about_right():
     # 5/s for 400 s: 2000 expected arrivals, standard deviation about 45.
     n = len(poisson_trace(5.0, 400.0, (1, 1), (1, 1), ["a"], vocab_size=100, seed=1))
     assert 1850 < n < 2150
+
+
+def test_burst_trace_arrives_at_once():
+    burst = burst_trace(16, (32, 256), (16, 64), ADAPTERS, vocab_size=1000, seed=1)
+    assert len(burst) == 16 and all(r.arrival_s == 0.0 for r in burst)
+    assert burst == burst_trace(16, (32, 256), (16, 64), ADAPTERS, vocab_size=1000, seed=1)
+    assert all(32 <= len(r.prompt_token_ids) <= 256 and 16 <= r.output_len <= 64 for r in burst)
 
 
 def test_trace_rejects_bad_arguments():

@@ -85,7 +85,7 @@ class FinetunePlanner:
         active = [job_id for job_id, job in self.jobs.items() if job.pending or job.admitted]
         if not active:
             return chunks, windows
-        state = {"forward": num_inference_tokens, "left": limit - cost.predict(num_inference_tokens),
+        state = {"forward": num_inference_tokens, "left": limit - cost.predict(num_inference_tokens), "limit": limit,
                  "planned": set(), "adapters": set(adapters_in_use)}
         for index, job_id in enumerate(active):
             share = state["left"] / (len(active) - index)
@@ -99,12 +99,18 @@ class FinetunePlanner:
                   chunks: list[ScheduledSequence], windows: list[BackwardWindow]) -> float:
         job = self.jobs[job_id]
         spent = 0.0
-        min_tokens = self.config.min_finetune_tokens
+        # Never ask for more than a whole iteration could hold, and always allow one token in an
+        # iteration with nothing else in it, so finetuning progresses under any budget.
+        idle = state["forward"] == 0 and not chunks and not windows
+        min_backward = max(1, min(self.config.min_finetune_tokens, cost.max_backward_tokens(state["limit"])))
+        min_forward = max(1, min(self.config.min_finetune_tokens, cost.max_forward_tokens(state["limit"])))
         for seq in job.admitted:
             if not seq.is_forward_done or seq.backward_end == 0:
                 continue
             n = min(seq.backward_end, cost.max_backward_tokens(share - spent))
-            if n <= 0 or n < min(min_tokens, seq.backward_end):
+            if idle and not windows:
+                n = max(n, 1)
+            if n <= 0 or n < min(min_backward, seq.backward_end):
                 continue
             windows.append(BackwardWindow(seq.seq_id, seq.backward_end - n, seq.backward_end,
                                           self.block_manager.block_ids(seq.seq_id)))
@@ -119,7 +125,9 @@ class FinetunePlanner:
                 break
             remaining = seq.length - seq.num_forward_done
             n = min(remaining, self._max_forward(cost, share - spent, state["forward"]))
-            if n <= 0 or n < min(min_tokens, remaining):
+            if idle and not windows and state["forward"] == 0:
+                n = max(n, 1)
+            if n <= 0 or n < min(min_forward, remaining):
                 break
             if seq.seq_id not in self.sequences and not self._admit(job, seq):
                 break

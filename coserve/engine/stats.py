@@ -31,6 +31,7 @@ class EngineStats:
         self.tokens_by_kind = {"decode": 0, "prefill": 0, "finetune_forward": 0, "finetune_backward": 0}
         self.iteration_seconds: deque[float] = deque(maxlen=_WINDOW)
         self.iteration_kinds: deque[dict] = deque(maxlen=256)   # tokens by kind of recent iterations
+        self.num_shared_iterations = 0   # iterations holding both inference and finetuning work
         self.num_finished = 0
         self.finish_reasons: dict[str, int] = {}
         self.busy_seconds = 0.0
@@ -51,6 +52,8 @@ class EngineStats:
         kinds["finetune_backward"] += sum(w.num_tokens for w in scheduler_output.backward_windows)
         for kind, count in kinds.items():
             self.tokens_by_kind[kind] += count
+        if (kinds["decode"] or kinds["prefill"]) and (kinds["finetune_forward"] or kinds["finetune_backward"]):
+            self.num_shared_iterations += 1
         self.iteration_tokens.append(scheduler_output.num_scheduled_tokens)
         self.iteration_seconds.append(seconds)
         self.iteration_kinds.append(kinds)
@@ -74,6 +77,7 @@ class EngineStats:
         return {
             "num_iterations": self.num_iterations,
             "tokens_by_kind": dict(self.tokens_by_kind),
+            "num_shared_iterations": self.num_shared_iterations,
             "mean_tokens_per_iteration": (sum(self.iteration_tokens) / len(self.iteration_tokens)
                                           if self.iteration_tokens else 0.0),
             "num_finished": self.num_finished,

@@ -104,9 +104,16 @@ def layer_backward(layer, prefix: str, lora_of: LoRALookup, x: torch.Tensor, gra
             lora_a, lora_b, scaling = down_lora
             roots.append(scaling * F.linear(F.linear(act, lora_a.to(dtype)), lora_b.to(dtype)))
             grads.append(grad_out)
-        torch.autograd.backward(roots, grads)
-    return (x.grad if need_input_grad else None,
-            key_past.grad if start else None, value_past.grad if start else None)
+        # Modules without LoRA leave some roots outside the graph (e.g. k in a q/v-only adapter).
+        pairs = [(r, g) for r, g in zip(roots, grads) if r.requires_grad]
+        if pairs:
+            torch.autograd.backward([r for r, _ in pairs], [g for _, g in pairs])
+    def grad_of(t: torch.Tensor, needed: bool) -> torch.Tensor | None:
+        if not needed:
+            return None
+        return t.grad if t.grad is not None else torch.zeros_like(t)
+
+    return grad_of(x, need_input_grad), grad_of(key_past, start > 0), grad_of(value_past, start > 0)
 
 
 def sequence_backward_window(model, lora: TrainableLoRA, buffers: SequenceBuffers, kv_caches: list[LayerKVCache],

@@ -1,0 +1,384 @@
+"""`coserve bench coserving`: inference and finetuning on one engine against temporal and spatial sharing.
+
+A seeded Poisson trace (prompts 32..256, outputs 16..64 tokens, 8 LoRA adapters)
+arrives at half the inference-alone maximum throughput while one continuous
+job finetunes a 9th adapter on 512-token sequences. Every mode runs the same
+trace for the same wall time: co-serving, temporal sharing (swept turn size),
+spatial sharing (two processes, swept thread split; `spatial_worker.py`),
+inference alone and finetuning alone. SLOs come from inference alone in this
+run: TTFT <= 4x and TPOT <= 2x its p50. A baseline's figure is its best
+finetuning throughput among settings meeting the SLO for >= 99% of requests.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks.finetune import finetune_config, progress, random_rows
+from benchmarks.inference import bench_cache_root, bench_small_dir
+from benchmarks.machine import (
+    _linear_params_per_layer,
+    gemm_gflops,
+    machine_info,
+    model_flops,
+    resolve_device,
+)
+from benchmarks.trace import (
+    MIN_ATTAINMENT,
+    RequestTiming,
+    TraceRequest,
+    best_setting,
+    burst_trace,
+    latency_summary,
+    mean_request_tokens,
+    poisson_trace,
+    slo_attainment,
+    slo_from_baseline,
+)
+from benchmarks.workload import adapter_specs, make_peft_adapters
+
+PROMPT_RANGE, OUTPUT_RANGE = (32, 256), (16, 64)
+ADAPTER_RANKS, ADAPTERS_PER_RANK = (8, 16), 4          # 8 serving adapters, all linear layers
+FINETUNE_SEQ_LEN, FINETUNE_BATCH = 512, 2
+INFERENCE_BUDGET = 256
+"""max_num_batched_tokens of every engine that serves the trace (the engine's default)."""
+FINETUNE_BUDGET = 1024
+"""max_num_batched_tokens of the finetuning-alone engines (the finetune benchmark's setting)."""
+TARGETS = {"coserving_slo_attainment": MIN_ATTAINMENT, "coserving_vs_best_baseline": 1.3,
+           "coserving_vs_finetune_alone": 0.4}
+LOAD_FRACTION = 0.5
+"""The trace's rate, as a share of the measured maximum inference throughput."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    trace_s: float
+    """Arrivals fall in [0, trace_s); every mode then runs until the last request would finish if it
+    just met the SLO (the window)."""
+    burst_requests: int
+    """Requests sent at once to measure the maximum inference throughput."""
+    temporal_turns: tuple[int, ...]
+    spatial_splits: tuple[tuple[int, int], ...]
+    """(inference threads, finetuning threads); oversubscribed splits included."""
+    tpot_safety: float = 0.8
+    """Co-serving's per-iteration latency target is this share of the TPOT SLO."""
+
+
+FULL = Setting(trace_s=45.0, burst_requests=48, temporal_turns=(16, 64, 256, 1024),
+               spatial_splits=((1, 1), (2, 1), (1, 2), (2, 2)))
+QUICK = Setting(trace_s=6.0, burst_requests=16, temporal_turns=(16, 64, 256),
+                spatial_splits=((1, 1), (2, 1), (2, 2)))
+
+
+@dataclass(frozen=True)
+class BenchContext:
+    """Everything an engine of this benchmark is built from; picklable for the spatial workers."""
+
+    model_dir: str
+    adapter_paths: dict[str, str]
+    rows: list[dict]
+    """The finetuning job's dataset: random 512-token sequences."""
+    device: str
+    latency_profile: str
+
+
+# ---- one engine ----------------------------------------------------------------------------
+
+
+def build_engine(ctx: BenchContext, budget: int = INFERENCE_BUDGET, **overrides):
+    from coserve.config import EngineConfig
+    from coserve.engine.engine import Engine
+
+    # NOTE: 1024 tokens of context and 0.5 GB of KV cover the trace and two training sequences;
+    # the default 2 GB per engine adds up when the spatial mode runs three processes.
+    config = EngineConfig(model=ctx.model_dir, dtype="float32", device=ctx.device, max_loras=len(ctx.adapter_paths) + 1,
+                          max_num_batched_tokens=budget, max_model_len=1024, kv_cache_memory_gb=0.5,
+                          latency_profile=ctx.latency_profile, **overrides)
+    engine = Engine(config)
+    for name, path in ctx.adapter_paths.items():
+        engine.load_adapter(name, path)
+    return engine
+
+
+def _sampling(max_tokens: int):
+    from coserve.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+def warm_up(engine, ctx: BenchContext, job=None, tag: str = "warmup") -> None:
+    """One short request on an adapter and, with a job, steps until its first backward window has run."""
+    request = engine.add_request(f"{tag}-req", [11 + i for i in range(32)], _sampling(4),
+                                 adapter=next(iter(ctx.adapter_paths)))
+    backward_at_start = _backward_tokens(engine)
+    while not (request.is_finished and (job is None or _backward_tokens(engine) > backward_at_start)):
+        if job is not None and job.status in ("failed", "cancelled", "succeeded"):
+            raise RuntimeError(f"finetuning job {job.status}: {getattr(job, 'error', None)}")
+        engine.step()
+
+
+def _backward_tokens(engine) -> int:
+    return engine.get_stats()["tokens_by_kind"].get("finetune_backward", 0)
+
+
+def start_job(engine, ctx: BenchContext):
+    return engine.add_finetune_job(finetune_config(ctx.rows, FINETUNE_BATCH, FINETUNE_SEQ_LEN))
+
+
+def _counters(engine, job) -> dict:
+    stats = engine.get_stats()
+    return {"kinds": dict(stats["tokens_by_kind"]), "busy_s": stats.get("busy_seconds", 0.0),
+            "iterations": stats["num_iterations"], "trained": job.tokens_trained if job is not None else 0}
+
+
+@dataclass
+class WindowResult:
+    timings: list[RequestTiming]
+    """Per trace request, in seconds from the window's start."""
+    wall_s: float
+    finetune_tokens: int
+    """Backward tokens done in the window: tokens whose forward and backward are both done."""
+    sequence_tokens: int
+    """Tokens of training sequences whose whole backward finished in the window (job.tokens_trained)."""
+    tokens_by_kind: dict
+    num_iterations: int
+
+
+def run_window(engine, trace: list[TraceRequest], window_s: float, job=None, prefix: str = "",
+               stop_when_drained: bool = False) -> WindowResult:
+    """Add each trace request at its arrival time and step the engine from this thread for `window_s`.
+
+    Requests still unfinished at the end are aborted and count as unfinished.
+    """
+    before = _counters(engine, job)
+    requests = {}
+    start = time.monotonic()
+    end, next_index = start + window_s, 0
+    while (now := time.monotonic()) < end:
+        while next_index < len(trace) and start + trace[next_index].arrival_s <= now:
+            r = trace[next_index]
+            requests[r.request_id] = engine.add_request(prefix + r.request_id, r.prompt_token_ids,
+                                                        _sampling(r.output_len), adapter=r.adapter)
+            next_index += 1
+        if engine.has_unfinished_requests():
+            engine.step()
+        elif next_index == len(trace):
+            if stop_when_drained:
+                break
+            time.sleep(min(0.005, end - now))
+        else:
+            time.sleep(min(0.005, max(0.0, start + trace[next_index].arrival_s - now)))
+    wall = time.monotonic() - start
+    after = _counters(engine, job)
+    for request_id, request in requests.items():
+        if not request.is_finished:
+            engine.abort_request(prefix + request_id)
+    kinds = {k: after["kinds"].get(k, 0) - before["kinds"].get(k, 0) for k in after["kinds"]}
+    sequence_tokens = after["trained"] - before["trained"]
+    return WindowResult([_timing(r, requests.get(r.request_id), start) for r in trace], wall,
+                        kinds.get("finetune_backward", sequence_tokens), sequence_tokens, kinds,
+                        after["iterations"] - before["iterations"])
+
+
+def _timing(trace_request: TraceRequest, request, start: float) -> RequestTiming:
+    timing = RequestTiming(arrival=trace_request.arrival_s, num_tokens=trace_request.num_tokens)
+    if request is None:
+        return timing
+    if request.first_token_time is not None:
+        timing.first_token = request.first_token_time - start
+    if request.finish_reason == "length" and request.finish_time is not None:
+        timing.finish = request.finish_time - start
+        timing.num_output_tokens = request.num_output_tokens
+    return timing
+
+
+def figures(result: WindowResult, slo, window_s: float) -> dict:
+    """One mode's (or setting's) figures; rates are over the common window (or the run, if longer)."""
+    wall = max(window_s, result.wall_s)
+    finished = [t for t in result.timings if t.is_finished and t.finish <= wall]
+    return {"slo_attainment": round(slo_attainment(result.timings, slo), 4),
+            "inference_tokens_per_s": round(sum(t.num_tokens for t in finished) / wall, 1),
+            "finetune_tokens_per_s": round(result.finetune_tokens / wall, 1),
+            "finetune_sequence_tokens_per_s": round(result.sequence_tokens / wall, 1),
+            "latency": latency_summary(result.timings), "wall_s": round(wall, 2),
+            "num_iterations": result.num_iterations, "tokens_by_kind": result.tokens_by_kind}
+
+
+def run_mode(ctx: BenchContext, trace, window_s: float, with_job: bool, budget: int = INFERENCE_BUDGET,
+             **overrides) -> WindowResult:
+    """A fresh engine, warmed up, runs one window; it is freed before returning."""
+    engine = build_engine(ctx, budget, **overrides)
+    try:
+        job = start_job(engine, ctx) if with_job else None
+        warm_up(engine, ctx, job)
+        result = run_window(engine, trace, window_s, job)
+        if job is not None:
+            engine.cancel_finetune_job(job.job_id)
+    finally:
+        del engine
+        gc.collect()
+    return result
+
+
+# ---- maximum throughput and the trace ------------------------------------------------------
+
+
+def measure_max_throughput(engine, ctx: BenchContext, num_requests: int, vocab_size: int) -> dict:
+    """All requests of a burst (same distributions as the trace, another seed) sent at t=0, run to the end.
+
+    Throughput counts prompt + output tokens, as the trace's rate does.
+    """
+    burst = burst_trace(num_requests, PROMPT_RANGE, OUTPUT_RANGE, list(ctx.adapter_paths), vocab_size, seed=1)
+    result = run_window(engine, burst, 600.0, prefix="burst-", stop_when_drained=True)
+    tokens = sum(r.num_tokens for r in burst)
+    return {"num_requests": len(burst), "tokens": tokens, "wall_s": round(result.wall_s, 2),
+            "tokens_per_s": round(tokens / result.wall_s, 1), "requests_per_s": round(len(burst) / result.wall_s, 2)}
+
+
+# ---- FLOPs ---------------------------------------------------------------------------------
+
+
+def finetune_flops(cfg, adapter_rank: int, num_forward: int, num_backward: int, seq_len: int) -> float:
+    """Model FLOPs of finetuning tokens (see FLOP_FORMULA)."""
+    layers = cfg.num_hidden_layers
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    linear_params, shapes = _linear_params_per_layer(cfg)
+    layer_forward = (2 * linear_params + 2 * adapter_rank * sum(i + o for i, o in shapes)
+                     + 4 * cfg.num_attention_heads * head_dim * (seq_len + 1) / 2) * layers
+    vocab = 2 * cfg.hidden_size * cfg.vocab_size
+    return num_forward * (layer_forward + 2 * vocab) + num_backward * 2 * layer_forward
+
+
+FLOP_FORMULA = ("inference: machine.model_flops over the requests finished in the window (2 x linear weights per "
+                "token, logits per sampled token, causal attention, LoRA 2r(in+out)); finetuning forward token: "
+                "2 x linear weights + LoRA 2r(in+out) + attention 4 x heads x head_dim x (seq+1)/2, per layer, "
+                "plus 2 x hidden x vocab for the logits and 2 x hidden x vocab for their gradient at the final "
+                "state; finetuning backward token: 2 x the per-layer forward (the recompute plus the input "
+                "gradient through frozen weights). Divided by the window's wall time.")
+
+
+# ---- the benchmark -------------------------------------------------------------------------
+
+
+def _swept(settings: dict[str, dict]) -> dict:
+    """A baseline's entry: its chosen setting's figures (finetuning 0 if no setting meets the SLO)."""
+    chosen = best_setting(settings)
+    if chosen is None:
+        closest = max(settings, key=lambda name: settings[name]["slo_attainment"])
+        return {"setting": None, "slo_attainment": settings[closest]["slo_attainment"],
+                "inference_tokens_per_s": settings[closest]["inference_tokens_per_s"], "finetune_tokens_per_s": 0.0,
+                "note": f"no setting met the SLO for {MIN_ATTAINMENT:.0%} of requests: figure 0 "
+                        f"(slo_attainment and inference_tokens_per_s are those of {closest}, the closest)",
+                "settings": settings}
+    keys = ("slo_attainment", "inference_tokens_per_s", "finetune_tokens_per_s")
+    return {"setting": chosen, **{k: settings[chosen][k] for k in keys}, "settings": settings}
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return round(numerator / denominator, 3) if denominator > 0 else None
+
+
+def run_coserving_benchmark(quick: bool, device: str = "auto") -> dict:
+    """Run the benchmark and return one JSON-serialisable dict (see the module docstring)."""
+    from transformers.utils import logging as hf_logging
+
+    from benchmarks.spatial_worker import run_spatial
+    from coserve.models.checkpoint import load_hf_config
+
+    begin = time.perf_counter()
+    # NOTE: other jobs on these shared cores slow every figure; the load average says if there were any.
+    load_at_start = round(os.getloadavg()[0], 2)
+    hf_logging.disable_progress_bar()
+    dev = resolve_device(device)
+    setting = QUICK if quick else FULL
+    gemm = gemm_gflops(dev, size=1024, repeats=10)
+    model_dir = bench_small_dir()
+    cfg = load_hf_config(model_dir)
+    specs = adapter_specs(list(ADAPTER_RANKS), ADAPTERS_PER_RANK)
+    paths = make_peft_adapters(model_dir, specs, bench_cache_root() / "bench-small-adapters", seed=0)
+    workdir = tempfile.TemporaryDirectory(prefix="coserve-bench-")
+    rows = random_rows(cfg.vocab_size, 64, FINETUNE_SEQ_LEN, seed=0)
+    ctx = BenchContext(model_dir, paths, rows, str(dev), str(Path(workdir.name) / "latency_profile.json"))
+
+    engine = build_engine(ctx)
+    warm_up(engine, ctx)
+    burst = measure_max_throughput(engine, ctx, setting.burst_requests, cfg.vocab_size)
+    rate = LOAD_FRACTION * burst["tokens_per_s"] / mean_request_tokens(PROMPT_RANGE, OUTPUT_RANGE)
+    trace = poisson_trace(rate, setting.trace_s, PROMPT_RANGE, OUTPUT_RANGE, list(paths), cfg.vocab_size, seed=0)
+    if not trace:
+        raise RuntimeError(f"the trace is empty: {rate:.3f} requests/s for {setting.trace_s} s")
+    progress(f"max throughput {burst['tokens_per_s']} tokens/s; trace: {len(trace)} requests at {rate:.2f}/s")
+    alone = run_window(engine, trace, setting.trace_s + 120.0, stop_when_drained=True)
+    del engine
+    gc.collect()
+    slo = slo_from_baseline(alone.timings)
+    # Every mode runs until the last request would finish if it just met the SLO.
+    window = max(setting.trace_s + 1.0, max(slo.latest_finish(r) for r in trace))
+    progress(f"SLO: TTFT {slo.ttft_s * 1e3:.0f} ms, TPOT {slo.tpot_s * 1e3:.0f} ms; window {window:.1f} s")
+
+    modes = {"inference_only": figures(alone, slo, window)}
+    coserve = run_mode(ctx, trace, window, True, tpot_slo_ms=setting.tpot_safety * slo.tpot_s * 1e3)
+    modes["coserving"] = figures(coserve, slo, window)
+    progress(f"coserving: {modes['coserving']['slo_attainment']:.3f} SLO, "
+             f"{modes['coserving']['finetune_tokens_per_s']} finetune tokens/s")
+    temporal = {}
+    for turn in setting.temporal_turns:
+        result = run_mode(ctx, trace, window, True, sharing="temporal", temporal_turn_tokens=turn)
+        temporal[f"turn_{turn}"] = figures(result, slo, window)
+        progress(f"temporal K={turn}: {temporal[f'turn_{turn}']['slo_attainment']:.3f} SLO, "
+                 f"{temporal[f'turn_{turn}']['finetune_tokens_per_s']} finetune tokens/s")
+    modes["temporal"] = _swept(temporal)
+    modes["finetune_only"] = figures(run_mode(ctx, [], window, True, budget=FINETUNE_BUDGET), slo, window)
+    modes["finetune_only"].update(slo_attainment=None, latency=None)  # no requests to score
+    progress(f"finetune alone: {modes['finetune_only']['finetune_tokens_per_s']} tokens/s")
+    spatial = run_spatial(ctx, trace, window, setting.spatial_splits, INFERENCE_BUDGET, FINETUNE_BUDGET)
+    modes["spatial"] = _swept({name: figures(result, slo, window) for name, result in spatial.items()})
+    gemm_end = gemm_gflops(dev, size=1024, repeats=10)
+    workdir.cleanup()
+
+    done = [(r, t) for r, t in zip(trace, coserve.timings) if t.is_finished]
+    flops = model_flops(cfg, [len(r.prompt_token_ids) for r, _ in done], [t.num_output_tokens for _, t in done],
+                        [specs[r.adapter] for r, _ in done])
+    flops += finetune_flops(cfg, 16, coserve.tokens_by_kind.get("finetune_forward", 0),
+                            coserve.tokens_by_kind.get("finetune_backward", 0), FINETUNE_SEQ_LEN)
+    achieved = flops / max(window, coserve.wall_s) / 1e9
+    co_ft = modes["coserving"]["finetune_tokens_per_s"]
+    best_baseline = max(modes["temporal"]["finetune_tokens_per_s"], modes["spatial"]["finetune_tokens_per_s"])
+    vs_best = _ratio(co_ft, best_baseline)
+    vs_alone = _ratio(co_ft, modes["finetune_only"]["finetune_tokens_per_s"])
+    return {
+        "benchmark": "coserving", "model": "bench-small", "quick": quick,
+        "machine": {**machine_info(dev), "load_average_at_start": load_at_start},
+        "modes": modes,
+        "coserving_vs_best_baseline": vs_best,
+        "best_baseline_finetune_tokens_per_s": best_baseline,
+        "coserving_vs_finetune_alone": vs_alone,
+        "mfu_vs_gemm_peak": round(achieved / gemm, 3),
+        "coserving_model_gflops": round(achieved, 1),
+        "gemm_gflops": round(gemm, 1), "gemm_gflops_at_end": round(gemm_end, 1),
+        "flop_formula": FLOP_FORMULA,
+        "slo": {"ttft_ms": round(slo.ttft_s * 1e3, 1), "tpot_ms": round(slo.tpot_s * 1e3, 1),
+                "rule": "TTFT <= 4 x and TPOT <= 2 x the p50 of inference alone on this trace; unfinished = miss",
+                "coserving_tpot_slo_ms": round(setting.tpot_safety * slo.tpot_s * 1e3, 1)},
+        "max_throughput": {**burst, "counts": "prompt + output tokens"},
+        "rate_requests_per_s": round(rate, 3),
+        "trace": {"num_requests": len(trace), "duration_s": setting.trace_s, "window_s": round(window, 2),
+                  "prompt_range": PROMPT_RANGE, "output_range": OUTPUT_RANGE, "adapters": specs, "seed": 0,
+                  "load_fraction": LOAD_FRACTION},
+        "config": {"model_dir": model_dir, "setting": asdict(setting), "inference_budget": INFERENCE_BUDGET,
+                   "finetune_budget": FINETUNE_BUDGET, "finetune": {"adapter_rank": 16, "target_modules": "all-linear",
+                   "seq_len": FINETUNE_SEQ_LEN, "batch_size": FINETUNE_BATCH}, "torch_threads": torch.get_num_threads()},
+        "targets": TARGETS,
+        "meets_targets": {
+            "coserving_slo_attainment": modes["coserving"]["slo_attainment"] >= TARGETS["coserving_slo_attainment"],
+            "coserving_vs_best_baseline": (co_ft > 0 if vs_best is None
+                                           else vs_best >= TARGETS["coserving_vs_best_baseline"]),
+            "coserving_vs_finetune_alone": vs_alone is not None and vs_alone >= TARGETS["coserving_vs_finetune_alone"]},
+        "total_wall_s": round(time.perf_counter() - begin, 1),
+    }
