@@ -19,6 +19,16 @@ from coserve.engine.outputs import ScheduledSequence, SchedulerOutput
 from coserve.engine.training_sequence import BackwardWindow, TrainingSequence
 
 
+def _balanced(remaining: int, fits_now: int, fits_alone: int) -> int:
+    """Tokens for the next window: what fits now, but leave no sliver for a window of its own."""
+    n = min(remaining, fits_now)
+    if n < remaining and fits_alone > 0:
+        # e.g. 1024 tokens with room for 341: windows of 256, not 341 + 341 + 341 + 1.
+        num_windows = -(-remaining // fits_alone)
+        n = min(n, -(-remaining // num_windows))
+    return n
+
+
 class _Job:
     def __init__(self, adapter: str, max_in_flight: int) -> None:
         self.adapter = adapter
@@ -107,7 +117,8 @@ class FinetunePlanner:
         for seq in job.admitted:
             if not seq.is_forward_done or seq.backward_end == 0:
                 continue
-            n = min(seq.backward_end, cost.max_backward_tokens(share - spent))
+            n = _balanced(seq.backward_end, cost.max_backward_tokens(share - spent),
+                          cost.max_backward_tokens(state["limit"]))
             if idle and not windows:
                 n = max(n, 1)
             if n <= 0 or n < min(min_backward, seq.backward_end):

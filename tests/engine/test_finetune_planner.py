@@ -1,0 +1,143 @@
+"""Finetuning in the scheduler, with no model: budget sharing, ordering, blocks, fairness, turns.
+
+Iterations are simulated with plain runner outputs (a sampled token for every
+inference sequence that asks for one); the checks are on the plans alone.
+"""
+import pytest
+
+from coserve.config import SchedulerConfig
+from coserve.engine.cost_model import CostModel
+from coserve.engine.kv_cache import BlockManager
+from coserve.engine.outputs import RunnerOutput
+from coserve.engine.request import Request
+from coserve.engine.scheduler import Scheduler
+from coserve.engine.training_sequence import TrainingSequence
+from coserve.sampling_params import SamplingParams
+
+
+def make(budget=64, num_blocks=200, block_size=4, sharing="coserve", turn=32, max_loras=8, kv_fraction=0.5,
+         min_tokens=4):
+    config = SchedulerConfig(max_num_batched_tokens=budget, max_loras=max_loras, sharing=sharing,
+                             temporal_turn_tokens=turn, finetune_kv_fraction=kv_fraction,
+                             min_finetune_tokens=min_tokens)
+    return Scheduler(config, BlockManager(num_blocks, block_size))
+
+
+def add_job(scheduler, job_id="job", lengths=(40, 30), adapter="train", in_flight=2):
+    scheduler.finetune.add_job(job_id, adapter, in_flight)
+    seqs = [TrainingSequence(f"{job_id}/{i}", job_id, adapter, list(range(1, n + 1))) for i, n in enumerate(lengths)]
+    scheduler.finetune.add_sequences(job_id, seqs)
+    return seqs
+
+
+def run(scheduler, iterations=1000):
+    """Step until idle; returns the outputs."""
+    outputs = []
+    for _ in range(iterations):
+        if not scheduler.has_unfinished_requests():
+            break
+        out = scheduler.schedule()
+        result = RunnerOutput(sampled_token_ids={s.request_id: 7 for s in out.sequences if s.needs_sample})
+        scheduler.update(out, result)
+        outputs.append(out)
+    return outputs
+
+
+def inference_tokens(out):
+    return sum(s.num_tokens for s in out.sequences if not s.is_training)
+
+
+def test_forward_chunks_then_reverse_windows_cover_each_token_once():
+    scheduler = make(budget=16)
+    seqs = add_job(scheduler, lengths=(40, 30))
+    forward = {s.seq_id: [] for s in seqs}
+    backward = {s.seq_id: [] for s in seqs}
+    for out in run(scheduler):
+        for chunk in out.sequences:
+            forward[chunk.request_id].append((chunk.start_position, chunk.context_len))
+        for w in out.backward_windows:
+            assert sum(e - s for s, e in forward[w.seq_id]) == len(seqs[int(w.seq_id[-1])].token_ids), \
+                "backward before the forward was complete"
+            backward[w.seq_id].append((w.start, w.end))
+    for seq in seqs:
+        spans = forward[seq.seq_id]
+        assert spans[0][0] == 0 and spans[-1][1] == seq.length
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))        # contiguous, in order
+        windows = backward[seq.seq_id]
+        assert windows[0][1] == seq.length and windows[-1][0] == 0
+        assert all(a[0] == b[1] for a, b in zip(windows, windows[1:]))    # reverse order, no gap
+    assert sorted(s.seq_id for s in scheduler.finetune.pop_completed()) == ["job/0", "job/1"]
+    assert scheduler.block_manager.usage == 0                              # every block returned
+
+
+def test_inference_comes_first_and_the_cost_limit_holds():
+    # Seconds: 10 ms per iteration + 1 ms per forward token; a backward window 5 ms + 2 ms per token.
+    cost = CostModel(0.010, 0.001, 0.005, 0.002)
+    scheduler = make(budget=64)
+    scheduler.set_budget(cost, 0.050)                 # 50 ms SLO: 40 forward tokens at most
+    assert scheduler.inference_token_budget == 40
+    add_job(scheduler, lengths=(60, 60))
+    for i in range(6):
+        scheduler.add_request(Request(f"r{i}", list(range(1, 9)), SamplingParams(max_tokens=6)))
+    outs = run(scheduler)
+    assert any(inference_tokens(o) and any(s.is_training for s in o.sequences) for o in outs)
+    for out in outs:
+        forward = sum(s.num_tokens for s in out.sequences)
+        predicted = cost.predict(forward, [w.num_tokens for w in out.backward_windows])
+        assert predicted <= 0.050 + 1e-12 or (inference_tokens(out) == 0 and forward + len(out.backward_windows) <= 1)
+    # While prompts wait, finetuning gets no more than what inference leaves.
+    first = outs[0]
+    assert inference_tokens(first) == 40 and not any(s.is_training for s in first.sequences)
+
+
+def test_jobs_share_the_leftover_budget_fairly():
+    scheduler = make(budget=32, num_blocks=400)
+    add_job(scheduler, "a", lengths=(100,) * 4, adapter="a", in_flight=1)
+    add_job(scheduler, "b", lengths=(100,) * 4, adapter="b", in_flight=1)
+    done = {"a": 0, "b": 0}
+    for out in run(scheduler, iterations=40):
+        for chunk in out.sequences:
+            done[chunk.request_id.split("/")[0]] += chunk.num_tokens
+        for w in out.backward_windows:
+            done[w.seq_id.split("/")[0]] += w.num_tokens
+    assert done["a"] > 0 and done["b"] > 0
+    assert abs(done["a"] - done["b"]) <= 0.15 * (done["a"] + done["b"])
+
+
+def test_finetuning_never_holds_more_than_its_share_of_the_cache():
+    scheduler = make(budget=64, num_blocks=40, block_size=4, kv_fraction=0.5)   # finetuning: 20 blocks
+    add_job(scheduler, lengths=(40, 40, 40), in_flight=3)                       # 10 blocks each
+    out = scheduler.schedule()
+    assert len({c.request_id for c in out.sequences}) == 2
+    assert scheduler.block_manager.num_free_blocks == 20
+    with pytest.raises(ValueError, match="KV blocks"):
+        add_job(scheduler, "big", lengths=(200,))
+
+
+def test_a_job_never_takes_a_slot_beyond_max_loras():
+    scheduler = make(budget=64, max_loras=1)
+    add_job(scheduler, lengths=(20,), adapter="train")
+    scheduler.add_request(Request("r", [1, 2, 3], SamplingParams(max_tokens=3), adapter="other"))
+    out = scheduler.schedule()
+    # The job's adapter holds the only slot, so the request for another adapter waits.
+    assert [s.adapter for s in out.sequences] == ["train"]
+    assert scheduler.num_waiting == 1
+
+
+def test_temporal_sharing_alternates_inference_and_finetuning_turns():
+    scheduler = make(budget=64, sharing="temporal", turn=8)
+    add_job(scheduler, lengths=(400,))                # outlives the requests
+    for i in range(3):
+        scheduler.add_request(Request(f"r{i}", [1, 2, 3, 4], SamplingParams(max_tokens=5)))
+    outs = run(scheduler)
+    kinds = []
+    for out in outs:
+        training = sum(s.num_tokens for s in out.sequences if s.is_training) + sum(
+            w.num_tokens for w in out.backward_windows)
+        assert not (training and inference_tokens(out)), "a turn mixed inference and finetuning"
+        assert training <= 8
+        kinds.append("f" if training else "i")
+    pattern = "".join(kinds)
+    while_both = pattern[:pattern.rindex("i") + 1]
+    assert "ii" not in while_both and "ff" not in while_both      # strict turns while both have work
+    assert set(pattern[len(while_both):]) == {"f"}                  # then finetuning runs alone
