@@ -1,0 +1,55 @@
+"""The SLO budget: a latency profile measured at start-up (or loaded), and the plan it implies."""
+import json
+
+from coserve import LLM, FinetuneConfig, SamplingParams
+from coserve.engine.cost_model import CostModel
+from coserve.graph import prune_backward
+from coserve.models.llama import head_dim_of
+
+
+def test_slo_engine_profiles_saves_and_reuses_the_latency_profile(tiny_llama_dir, tmp_path):
+    path = tmp_path / "profile.json"
+    llm = LLM(model=str(tiny_llama_dir), dtype="float32", device="cpu", tpot_slo_ms=500,
+              latency_profile=str(path))
+    try:
+        stats = llm.stats()
+        profile = json.loads(path.read_text())
+        assert stats["latency_profile"]["forward_per_token"] == profile["forward_per_token"] > 0
+        assert len(profile["points"]["forward"]) >= 3 and len(profile["points"]["backward"]) >= 3
+        budget = stats["budget"]
+        cost = CostModel.from_dict(profile)
+        assert budget["tpot_slo_ms"] == 500 and budget["unit"] == "s"
+        assert budget["inference_token_budget"] == min(256, cost.max_forward_tokens(0.5))
+        job = llm.finetune(FinetuneConfig(adapter="ft", peft={"r": 2, "target_modules": ["q_proj"]},
+                                          dataset=[{"input_ids": list(range(5, 40))}] * 2, max_steps=1,
+                                          batch_size=2))
+        out = llm.generate(prompt_token_ids=[[5, 6, 7]], sampling_params=SamplingParams(max_tokens=4))[0]
+        assert len(out.token_ids) == 4
+        assert job.wait(timeout=120) == "succeeded"
+    finally:
+        llm.shutdown()
+    # A saved profile is loaded, not measured again: edit it and see the edit in the budget.
+    profile["forward_per_token"] = 0.01
+    path.write_text(json.dumps(profile))
+    llm = LLM(model=str(tiny_llama_dir), dtype="float32", device="cpu", tpot_slo_ms=500, latency_profile=str(path))
+    try:
+        assert llm.stats()["budget"]["max_forward_tokens"] == CostModel.from_dict(profile).max_forward_tokens(0.5)
+    finally:
+        llm.shutdown()
+
+
+def test_prune_backward_budget_is_every_kept_tensor(tiny_llama_dir):
+    import torch
+
+    from coserve.models.checkpoint import resolve_checkpoint
+    from coserve.models.loader import load_model
+
+    model = load_model(resolve_checkpoint(str(tiny_llama_dir)), torch.float32, torch.device("cpu"))
+    cfg = model.config
+    report = prune_backward(model, torch.float32, block_size=16)
+    kv = cfg.num_key_value_heads * head_dim_of(cfg)
+    layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
+    # per layer: its input, K and V in the cache, fp32 dK and dV; then the final gradient and the target id.
+    assert report.bytes_per_token == layers * (hidden + 2 * kv + 2 * kv) * 4 + hidden * 4 + 8
+    assert report.kv_bytes_per_block == 16 * layers * 2 * kv * 4
+    assert model.backward_plan is report
