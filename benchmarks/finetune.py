@@ -159,16 +159,16 @@ def recompute_flop_share(cfg) -> float:
 
 NOTES = [
     ("tokens/s counts every token of a step (random unpadded sequences: all are targets) over the wall time "
-    "of `timed_steps` whole optimizer steps after one warm-up step; engine and peft runs alternate and the "
-    "fastest of each counts."),
+     "of `timed_steps` whole optimizer steps after one warm-up step; engine and peft runs alternate and the "
+     "fastest of each counts."),
     ("saved_bytes_per_token (engine): measured by the engine when a sequence's forward completes: its saved "
-    "layer inputs, final-state loss gradient, targets and KV blocks, over its length."),
+     "layer inputs, final-state loss gradient, targets and KV blocks, over its length."),
     ("peft_saved_bytes_per_token: storages autograd keeps in one plain peft training forward + loss "
-    "(batch 1), model weights excluded (benchmarks.peft_reference.measure_peft_saved_bytes)."),
+     "(batch 1), model weights excluded (benchmarks.peft_reference.measure_peft_saved_bytes)."),
     ("backward_cost_ratio: per-token slope of backward-window latency over that of forward iterations, "
-    "from the engine's latency profiler run on the idle engine before training (a backward token "
-    "recomputes its layers' forward and then runs the backward); recompute_flop_share: analytic share "
-    "of a trained token's FLOPs spent recomputing (see recompute_flop_share)."),
+     "from the engine's latency profiler run on the idle engine before training (a backward token "
+     "recomputes its layers' forward and then runs the backward); recompute_flop_share: analytic share "
+     "of a trained token's FLOPs spent recomputing (see recompute_flop_share)."),
 ]
 
 

@@ -59,12 +59,13 @@ def _receive(conn, role: str, timeout_s: float):
 
 
 def _combine(inference: WindowResult, finetune: WindowResult) -> WindowResult:
-    """The two processes' windows as one mode: requests from one, finetuning from the other."""
+    """The two processes' windows as one mode: requests and step times from one, finetuning from the other."""
     kinds = {**inference.tokens_by_kind}
     for kind, count in finetune.tokens_by_kind.items():
         kinds[kind] = kinds.get(kind, 0) + count
     return WindowResult(inference.timings, max(inference.wall_s, finetune.wall_s), finetune.finetune_tokens,
-                        finetune.sequence_tokens, kinds, inference.num_iterations + finetune.num_iterations)
+                        finetune.sequence_tokens, kinds, inference.num_iterations + finetune.num_iterations,
+                        inference.step_seconds)
 
 
 def run_spatial(ctx: BenchContext, trace: list[TraceRequest], window_s: float, splits, inference_budget: int,

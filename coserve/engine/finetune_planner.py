@@ -19,14 +19,15 @@ from coserve.engine.outputs import ScheduledSequence, SchedulerOutput
 from coserve.engine.training_sequence import BackwardWindow, TrainingSequence
 
 
-def _balanced(remaining: int, fits_now: int, fits_alone: int) -> int:
-    """Tokens for the next window: what fits now, but leave no sliver for a window of its own."""
-    n = min(remaining, fits_now)
-    if n < remaining and fits_alone > 0:
-        # e.g. 1024 tokens with room for 341: windows of 256, not 341 + 341 + 341 + 1.
-        num_windows = -(-remaining // fits_alone)
-        n = min(n, -(-remaining // num_windows))
-    return n
+def _window_size(remaining: int, fits_alone: int) -> int:
+    """Size of the next backward window: equal windows, none larger than an iteration holds.
+
+    e.g. 1024 tokens with room for 341: windows of 256, not 341 + 341 + 341 + 1.
+    """
+    if remaining <= fits_alone or fits_alone <= 0:
+        return remaining
+    num_windows = -(-remaining // fits_alone)
+    return -(-remaining // num_windows)
 
 
 class _Job:
@@ -117,11 +118,11 @@ class FinetunePlanner:
         for seq in job.admitted:
             if not seq.is_forward_done or seq.backward_end == 0:
                 continue
-            n = _balanced(seq.backward_end, cost.max_backward_tokens(share - spent),
-                          cost.max_backward_tokens(state["limit"]))
+            target = _window_size(seq.backward_end, cost.max_backward_tokens(state["limit"]))
+            n = min(target, cost.max_backward_tokens(share - spent))
             if idle and not windows:
                 n = max(n, 1)
-            if n <= 0 or n < min(min_backward, seq.backward_end):
+            elif n <= 0 or n < min(min_backward, target):
                 continue
             windows.append(BackwardWindow(seq.seq_id, seq.backward_end - n, seq.backward_end,
                                           self.block_manager.block_ids(seq.seq_id)))
@@ -138,7 +139,7 @@ class FinetunePlanner:
             n = min(remaining, self._max_forward(cost, share - spent, state["forward"]))
             if idle and not windows and state["forward"] == 0:
                 n = max(n, 1)
-            if n <= 0 or n < min(min_forward, remaining):
+            elif n <= 0 or n < min(min_forward, remaining):
                 break
             if seq.seq_id not in self.sequences and not self._admit(job, seq):
                 break

@@ -141,3 +141,17 @@ def test_temporal_sharing_alternates_inference_and_finetuning_turns():
     while_both = pattern[:pattern.rindex("i") + 1]
     assert "ii" not in while_both and "ff" not in while_both      # strict turns while both have work
     assert set(pattern[len(while_both):]) == {"f"}                  # then finetuning runs alone
+
+
+@pytest.mark.parametrize("budget", [3, 5, 16, 24, 64])
+@pytest.mark.parametrize("min_tokens", [1, 4, 16])
+@pytest.mark.parametrize("with_inference", [False, True])
+def test_every_job_finishes_under_any_budget(budget, min_tokens, with_inference):
+    scheduler = make(budget=budget, min_tokens=min_tokens, num_blocks=400)
+    seqs = add_job(scheduler, lengths=(30, 41, 48, 37), in_flight=2)
+    if with_inference:
+        for i in range(4):
+            scheduler.add_request(Request(f"r{i}", list(range(1, 12)), SamplingParams(max_tokens=20)))
+    run(scheduler, iterations=5000)
+    assert not scheduler.has_unfinished_requests()
+    assert {s.seq_id for s in scheduler.finetune.pop_completed()} == {s.seq_id for s in seqs}

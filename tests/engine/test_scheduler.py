@@ -152,7 +152,7 @@ def test_without_chunking_a_prompt_over_the_budget_errors():
     scheduler.add_request(small)
     finished = run_to_completion(scheduler)
     assert big.status is RequestStatus.FINISHED_ERROR
-    assert "max_num_batched_tokens is 10" in big.error
+    assert "the budget is 10 tokens" in big.error and "max_num_batched_tokens" in big.error
     assert finished["small"].status is RequestStatus.FINISHED_LENGTH
 
 
