@@ -161,3 +161,14 @@ def test_stats_report_jobs_budget_and_kept_bytes(llm):
     assert stats["finetune"]["saved_bytes_per_token"] == stats["finetune"]["planned_saved_bytes_per_token"]
     assert set(stats["tokens_by_kind"]) == {"decode", "prefill", "finetune_forward", "finetune_backward"}
     llm.unload_adapter("stats")
+
+
+def test_two_jobs_train_at_once_and_both_finish(llm):
+    first = llm.finetune(config(adapter="one", max_steps=2))
+    second = llm.finetune(config(adapter="two", max_steps=2, dataset=rows(8, 30), seed=1))
+    assert first.wait(timeout=120) == "succeeded" and second.wait(timeout=120) == "succeeded"
+    assert len(first.losses) == len(second.losses) == 2
+    assert first.tokens_trained == 2 * 2 * 24 and second.tokens_trained == 2 * 2 * 30
+    for name in ("one", "two"):
+        llm.unload_adapter(name)
+    assert_idle_and_serving(llm)
