@@ -32,7 +32,7 @@ class Budget:
                 "inference_token_budget": scheduler.inference_token_budget,
                 "max_forward_tokens": self.cost_model.max_forward_tokens(self.limit),
                 "max_backward_tokens": self.cost_model.max_backward_tokens(self.limit),
-                "sharing": scheduler.config.sharing}
+                "sharing": scheduler.config.sharing, "latency_scale": self.cost_model.scale}
 
 
 def configure_budget(engine) -> Budget:

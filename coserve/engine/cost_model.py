@@ -5,7 +5,11 @@ iteration with forward tokens costs `forward_base + forward_per_token * n`,
 and each backward window adds `backward_base + backward_per_token * n`.
 Without an SLO the same model is used in token units (a forward token costs 1,
 a backward token its measured ratio), with `max_num_batched_tokens` as limit.
-Pure Python: the scheduler plans with it and tests build it by hand.
+With an SLO, `observe` corrects the profile online: every iteration's measured
+latency updates `scale`, the factor between measured and profiled cost, rising
+fast and falling slowly, so a profile taken under other conditions (decode-heavy
+batches, another process on the cores) cannot make iterations overrun the SLO
+for long. Pure Python: the scheduler plans with it and tests build it by hand.
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ class CostModel:
     backward_per_token: float
     unit: str = "s"
     """"s" for a measured profile, "tokens" for the token-count model used without an SLO."""
+    scale: float = 1.0
+    """Measured over profiled latency, learned online by `observe` (1.0 in token units)."""
 
     def __post_init__(self) -> None:
         if self.forward_per_token <= 0 or self.backward_per_token <= 0:
@@ -35,24 +41,36 @@ class CostModel:
         return cls(0.0, 1.0, 0.0, backward_token_ratio, unit="tokens")
 
     def forward_cost(self, num_tokens: int) -> float:
-        return self.forward_base + self.forward_per_token * num_tokens if num_tokens else 0.0
+        return self.scale * (self.forward_base + self.forward_per_token * num_tokens) if num_tokens else 0.0
 
     def backward_cost(self, num_tokens: int) -> float:
-        return self.backward_base + self.backward_per_token * num_tokens if num_tokens else 0.0
+        return self.scale * (self.backward_base + self.backward_per_token * num_tokens) if num_tokens else 0.0
 
     def predict(self, num_forward_tokens: int, backward_windows: list[int] = ()) -> float:
         return self.forward_cost(num_forward_tokens) + sum(self.backward_cost(n) for n in backward_windows)
 
     def max_forward_tokens(self, limit: float) -> int:
         """Most forward tokens an iteration may hold and stay within `limit`."""
-        return max(0, int((limit - self.forward_base) / self.forward_per_token))
+        return max(0, int((limit / self.scale - self.forward_base) / self.forward_per_token))
 
     def max_backward_tokens(self, limit: float) -> int:
         """Most tokens one backward window may hold within `limit`."""
-        return max(0, int((limit - self.backward_base) / self.backward_per_token))
+        return max(0, int((limit / self.scale - self.backward_base) / self.backward_per_token))
+
+    def observe(self, num_forward_tokens: int, backward_windows: list[int], seconds: float) -> None:
+        """Fold one measured iteration into `scale` (seconds models only)."""
+        if self.unit != "s":
+            return
+        profiled = self.predict(num_forward_tokens, backward_windows) / self.scale
+        if profiled <= 0:
+            return
+        ratio = min(4.0, max(0.25, seconds / profiled))
+        # Up quickly (an overrun costs SLO misses), down slowly (one fast iteration proves little).
+        weight = 0.5 if ratio > self.scale else 0.05
+        self.scale += weight * (ratio - self.scale)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return asdict(self)   # the profile; `scale` is shown, never loaded back
 
     @classmethod
     def from_dict(cls, raw: dict) -> "CostModel":

@@ -142,7 +142,10 @@ class Engine:
             self.finetune.run_backward(scheduler_output.backward_windows)
             finished = self.scheduler.update(scheduler_output, runner_output)
             self.finetune.after_iteration(scheduler_output, runner_output)
-            self.stats.record_iteration(scheduler_output, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            self.stats.record_iteration(scheduler_output, seconds)
+            self.scheduler.cost_model.observe(sum(s.num_tokens for s in scheduler_output.sequences),
+                                              [w.num_tokens for w in scheduler_output.backward_windows], seconds)
         finished += self._check_stop_strings(scheduler_output)
         for request in finished:
             self._finalize(request)

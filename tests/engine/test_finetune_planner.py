@@ -155,3 +155,17 @@ def test_every_job_finishes_under_any_budget(budget, min_tokens, with_inference)
     run(scheduler, iterations=5000)
     assert not scheduler.has_unfinished_requests()
     assert {s.seq_id for s in scheduler.finetune.pop_completed()} == {s.seq_id for s in seqs}
+
+
+def test_cost_model_learns_measured_latency_online():
+    cost = CostModel(0.010, 0.001, 0.005, 0.002)
+    assert cost.max_forward_tokens(0.050) == 40
+    for _ in range(10):
+        cost.observe(40, [], seconds=0.100)           # iterations take twice the profiled time
+    assert cost.scale == pytest.approx(2.0, rel=0.01)
+    assert cost.max_forward_tokens(0.050) == 15       # (0.025 - 0.010) / 0.001
+    cost.observe(40, [], seconds=0.050)               # one fast iteration lowers it only a little
+    assert cost.scale > 1.9
+    tokens = CostModel.token_units()
+    tokens.observe(40, [], seconds=1.0)
+    assert tokens.scale == 1.0                        # token budgets are not time
