@@ -154,6 +154,8 @@ class WindowResult:
     """Wall time of every engine.step() that had work, scheduling and bookkeeping included."""
     budget: dict | None = None
     """The engine's iteration budget (get_stats()["budget"]) at the end of the window."""
+    cpu_s: float = 0.0
+    """CPU time this process used in the window (all its threads)."""
 
 
 def run_window(engine, trace: list[TraceRequest], window_s: float, job=None, prefix: str = "",
@@ -164,7 +166,7 @@ def run_window(engine, trace: list[TraceRequest], window_s: float, job=None, pre
     """
     before = _counters(engine, job)
     requests, step_seconds = {}, []
-    start = time.monotonic()
+    cpu_start, start = time.process_time(), time.monotonic()
     end, next_index = start + window_s, 0
     while (now := time.monotonic()) < end:
         while next_index < len(trace) and start + trace[next_index].arrival_s <= now:
@@ -181,7 +183,7 @@ def run_window(engine, trace: list[TraceRequest], window_s: float, job=None, pre
             time.sleep(min(0.005, end - now))
         else:
             time.sleep(min(0.005, max(0.0, start + trace[next_index].arrival_s - now)))
-    wall = time.monotonic() - start
+    wall, cpu = time.monotonic() - start, time.process_time() - cpu_start
     after = _counters(engine, job)
     for request_id, request in requests.items():
         if not request.is_finished:
@@ -190,7 +192,7 @@ def run_window(engine, trace: list[TraceRequest], window_s: float, job=None, pre
     sequence_tokens = after["trained"] - before["trained"]
     return WindowResult([_timing(r, requests.get(r.request_id), start) for r in trace], wall,
                         kinds.get("finetune_backward", sequence_tokens), sequence_tokens, kinds,
-                        after["iterations"] - before["iterations"], step_seconds, after["budget"])
+                        after["iterations"] - before["iterations"], step_seconds, after["budget"], cpu)
 
 
 def _timing(trace_request: TraceRequest, request, start: float) -> RequestTiming:
@@ -215,7 +217,9 @@ def figures(result: WindowResult, slo, window_s: float) -> dict:
             "finetune_sequence_tokens_per_s": round(result.sequence_tokens / wall, 1),
             "latency": latency_summary(result.timings), "wall_s": round(wall, 2),
             "num_iterations": result.num_iterations, "tokens_by_kind": result.tokens_by_kind,
-            "step_ms": _step_summary(result.step_seconds)}
+            "step_ms": _step_summary(result.step_seconds),
+            # NOTE: threads x 1.0 when the process had its cores alone; much less means other jobs ran.
+            "cpu_s_per_wall_s": round(result.cpu_s / result.wall_s, 2) if result.wall_s > 0 else None}
 
 
 def _step_summary(seconds: list[float]) -> dict | None:

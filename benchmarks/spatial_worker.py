@@ -65,7 +65,7 @@ def _combine(inference: WindowResult, finetune: WindowResult) -> WindowResult:
         kinds[kind] = kinds.get(kind, 0) + count
     return WindowResult(inference.timings, max(inference.wall_s, finetune.wall_s), finetune.finetune_tokens,
                         finetune.sequence_tokens, kinds, inference.num_iterations + finetune.num_iterations,
-                        inference.step_seconds)
+                        inference.step_seconds, None, inference.cpu_s + finetune.cpu_s)
 
 
 def run_spatial(ctx: BenchContext, trace: list[TraceRequest], window_s: float, splits, inference_budget: int,

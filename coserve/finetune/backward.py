@@ -123,7 +123,7 @@ def sequence_backward_window(model, lora: TrainableLoRA, buffers: SequenceBuffer
     Args:
         slots: [>= end] long, KV-cache slot of each position of the sequence.
     """
-    buffers.start_backward()
+    buffers.start_backward(first_window_start=start)
     positions = torch.arange(start, end, device=slots.device)
     dtype = buffers.layer_inputs.dtype
     cos, sin = model.rotary(positions, dtype)
@@ -137,8 +137,8 @@ def sequence_backward_window(model, lora: TrainableLoRA, buffers: SequenceBuffer
         value_past = cache.value.view(-1, kv_heads, head_dim).index_select(0, past_slots)
         grad_x, grad_key_past, grad_value_past = layer_backward(
             layers[index], f"model.layers.{index}", lora.get, buffers.layer_inputs[index, start:end], grad,
-            cos, sin, key_past, value_past, buffers.grad_key[index, start:end], buffers.grad_value[index, start:end],
-            model.sliding_window, need_input_grad=index > 0)
+            cos, sin, key_past, value_past, *buffers.kv_grads(index, start, end), model.sliding_window,
+            need_input_grad=index > 0)
         if start:
             buffers.grad_key[index, :start] += grad_key_past
             buffers.grad_value[index, :start] += grad_value_past

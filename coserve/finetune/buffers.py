@@ -4,8 +4,10 @@ Per token: the input of every decoder layer (the backward recomputes each
 layer from it), the loss gradient at the final hidden state (computed during
 the forward, so the vocabulary projection never runs again), the target id,
 and, from the start of the backward, dK/dV accumulators per layer that collect
-the gradient later queries send to earlier keys. The K/V themselves stay in
-the paged cache. `nbytes()` counts every byte these tensors hold.
+the gradient later queries send to earlier keys. The accumulators cover only
+the tokens before the first (last-in-sequence) window, which no later query
+sees: none at all when one window covers the sequence. The K/V themselves
+stay in the paged cache. `nbytes()` counts every byte these tensors hold.
 """
 from __future__ import annotations
 
@@ -28,19 +30,35 @@ class SequenceBuffers:
         self.grad_key: torch.Tensor | None = None    # [layers, length, kv_heads, head_dim]
         self.grad_value: torch.Tensor | None = None
 
-    def start_backward(self) -> None:
+    def start_backward(self, first_window_start: int) -> None:
+        """Allocate dK/dV accumulators for tokens [0, first_window_start), once."""
         if self.grad_key is None:
+            layers, _, kv_heads, head_dim = self._kv_grad_shape
+            shape = (layers, first_window_start, kv_heads, head_dim)
             device = self.layer_inputs.device
-            self.grad_key = torch.zeros(self._kv_grad_shape, dtype=self.GRAD_DTYPE, device=device)
-            self.grad_value = torch.zeros(self._kv_grad_shape, dtype=self.GRAD_DTYPE, device=device)
+            self.grad_key = torch.zeros(shape, dtype=self.GRAD_DTYPE, device=device)
+            self.grad_value = torch.zeros(shape, dtype=self.GRAD_DTYPE, device=device)
 
-    def nbytes(self, include_kv_grads: bool = True) -> int:
-        """Bytes held now (KV grads counted as if allocated when include_kv_grads)."""
+    def kv_grads(self, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradient later windows sent to K/V rows [start, end) of `layer` (zeros for the first window)."""
+        if end <= self.grad_key.shape[1]:
+            return self.grad_key[layer, start:end], self.grad_value[layer, start:end]
+        shape = (end - start,) + tuple(self.grad_key.shape[2:])
+        zeros = torch.zeros(shape, dtype=self.GRAD_DTYPE, device=self.grad_key.device)
+        return zeros, zeros
+
+    def nbytes(self) -> int:
+        """Bytes held now."""
         held = [self.layer_inputs, self.grad_final, self.targets]
-        total = sum(t.untyped_storage().nbytes() for t in held)
-        if include_kv_grads:
-            numel = 1
-            for size in self._kv_grad_shape:
-                numel *= size
-            total += 2 * numel * torch.empty((), dtype=self.GRAD_DTYPE).element_size()
-        return total
+        if self.grad_key is not None:
+            held += [self.grad_key, self.grad_value]
+        return sum(t.untyped_storage().nbytes() for t in held)
+
+    def max_nbytes(self) -> int:
+        """Bytes held if the accumulators cover the whole sequence (several windows, the worst case)."""
+        numel = 1
+        for size in self._kv_grad_shape:
+            numel *= size
+        accumulators = 2 * numel * torch.empty((), dtype=self.GRAD_DTYPE).element_size()
+        held = [self.layer_inputs, self.grad_final, self.targets]
+        return sum(t.untyped_storage().nbytes() for t in held) + accumulators

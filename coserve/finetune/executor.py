@@ -68,7 +68,7 @@ class FinetuneExecutor:
         cfg = self.model.config
         probe = SequenceBuffers(cfg.num_hidden_layers, length, cfg.hidden_size, cfg.num_key_value_heads,
                                 head_dim_of(cfg), [0] * length, self.dtype, torch.device("meta"))
-        return probe.nbytes()
+        return probe.max_nbytes()
 
     def release(self, seq_id: str) -> None:
         self._sequences.pop(seq_id, None)
@@ -78,7 +78,7 @@ class FinetuneExecutor:
             del self._sequences[seq_id]
 
     def sequence_bytes(self, seq_id: str) -> int:
-        """Bytes this sequence's buffers hold (dK/dV accumulators counted from the start)."""
+        """Bytes this sequence's buffers hold now."""
         seq = self._sequences.get(seq_id)
         return seq.buffers.nbytes() if seq is not None and seq.buffers is not None else 0
 

@@ -44,7 +44,7 @@ class FinetuneManager:
         self.kv_bytes_per_block = kv_bytes_per_block
         self.block_size = block_size
         self.jobs: dict[str, FinetuneJob] = {}
-        self.saved_bytes_per_token: float | None = None   # measured when a sequence's forward completes
+        self.saved_bytes_per_token: float | None = None   # measured at a sequence's first backward window
 
     # ---- creating jobs ------------------------------------------------------------------------
 
@@ -118,8 +118,12 @@ class FinetuneManager:
             job = self.jobs.get(job_id) if job_id is not None else None
             if job is None or job.is_finished:
                 continue
+            seq = self.planner.sequences.get(window.seq_id)
             try:
                 self.executor.backward(window.seq_id, window.start, window.end, window.block_ids)
+                if seq is not None and window.end == seq.length:
+                    # The first window allocated the accumulators: this is the sequence's peak.
+                    self._measure_saved_bytes(window.seq_id, seq.length)
             except Exception as exc:
                 logger.exception("backward failed in job %s", job_id)
                 self.fail(job_id, f"backward failed: {type(exc).__name__}: {exc}")
@@ -132,9 +136,6 @@ class FinetuneManager:
             loss = runner_output.training_losses.get(chunk.request_id)
             if job is not None and loss is not None:
                 job.record_loss(*loss)
-            seq = self.planner.sequences.get(chunk.request_id)
-            if seq is not None and seq.is_forward_done and seq.backward_end == seq.length:
-                self._measure_saved_bytes(chunk.request_id, seq.length)
         for seq in self.planner.pop_completed():
             self.executor.release(seq.seq_id)
             job = self.jobs.get(seq.job_id)

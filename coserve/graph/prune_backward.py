@@ -6,7 +6,9 @@ input (`coserve/finetune/backward.py`). Kept per token: every layer's input,
 its K/V (already in the paged cache), the fp32 dK/dV accumulators the
 backward fills, the fp32 loss gradient at the final hidden state (the
 vocabulary projection never runs again) and the target id. The report's
-`bytes_per_token` is that sum; tests check it against the real tensors.
+`bytes_per_token` is that sum, the worst case (accumulators exist only for
+tokens before a sequence's first backward window); tests check it against the
+real tensors.
 """
 from __future__ import annotations
 

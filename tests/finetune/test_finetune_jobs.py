@@ -157,8 +157,11 @@ def test_stats_report_jobs_budget_and_kept_bytes(llm):
     assert entry["status"] == "succeeded" and entry["step"] == 1 and len(entry["losses"]) == 1
     assert entry["tokens_trained"] == 2 * 32
     assert stats["budget"]["unit"] == "tokens"
-    # 32 tokens fill whole KV blocks, so the measured bytes equal the plan exactly.
-    assert stats["finetune"]["saved_bytes_per_token"] == stats["finetune"]["planned_saved_bytes_per_token"]
+    # 32 tokens fill whole KV blocks and one backward window covers them (budget 48 tokens, a backward
+    # token counts 1.5): the real tensors hold the plan minus the dK/dV accumulators, exactly.
+    planned = stats["finetune"]["planned_saved_bytes_per_token"]
+    accumulators = llm.engine.prune_report.breakdown["kv_grad_accumulators"]
+    assert stats["finetune"]["saved_bytes_per_token"] == planned - accumulators
     assert set(stats["tokens_by_kind"]) == {"decode", "prefill", "finetune_forward", "finetune_backward"}
     llm.unload_adapter("stats")
 
@@ -172,3 +175,13 @@ def test_two_jobs_train_at_once_and_both_finish(llm):
     for name in ("one", "two"):
         llm.unload_adapter(name)
     assert_idle_and_serving(llm)
+
+
+def test_split_backward_keeps_accumulators_for_earlier_windows_only(llm):
+    # 64 tokens, windows of at most 32: accumulators cover the first 32 tokens, half the sequence.
+    job = llm.finetune(config(adapter="split", max_steps=1, dataset=rows(2, 64)))
+    assert job.wait(timeout=120) == "succeeded"
+    stats = llm.stats()["finetune"]
+    accumulators = llm.engine.prune_report.breakdown["kv_grad_accumulators"]
+    assert stats["saved_bytes_per_token"] == stats["planned_saved_bytes_per_token"] - accumulators / 2
+    llm.unload_adapter("split")
