@@ -68,13 +68,14 @@ class Setting:
     temporal_turns: tuple[int, ...]
     spatial_splits: tuple[tuple[int, int], ...]
     """(inference threads, finetuning threads); oversubscribed splits included."""
-    tpot_safety: float = 0.8
-    """Co-serving's per-iteration latency target is this share of the TPOT SLO."""
+    tpot_safety: float = 0.9
+    """Co-serving's per-iteration latency target is this share of the TPOT SLO (the engine also
+    corrects its latency profile online, so little margin is needed)."""
 
 
-FULL = Setting(trace_s=45.0, burst_requests=48, temporal_turns=(16, 64, 256, 1024),
+FULL = Setting(trace_s=45.0, burst_requests=48, temporal_turns=(4, 16, 64, 256, 1024),
                spatial_splits=((1, 1), (2, 1), (1, 2), (2, 2)))
-QUICK = Setting(trace_s=8.0, burst_requests=16, temporal_turns=(16, 64, 256),
+QUICK = Setting(trace_s=8.0, burst_requests=16, temporal_turns=(4, 16, 64, 256),
                 spatial_splits=((1, 1), (2, 1), (1, 2)))
 
 
@@ -379,9 +380,11 @@ def _verdict(modes: dict) -> dict:
     if vs_best is None:
         verdict["coserving_vs_best_baseline_note"] = ("null: no temporal or spatial setting met the SLO, so the "
                                                       "best baseline's figure is 0")
+    meets_slo = modes["coserving"]["slo_attainment"] >= TARGETS["coserving_slo_attainment"]
+    # NOTE: a baseline's figure counts only under the SLO; co-serving's comparison is held to the same rule.
+    beats_best = co_ft > 0 if vs_best is None else vs_best >= TARGETS["coserving_vs_best_baseline"]
     verdict["meets_targets"] = {
-        "coserving_slo_attainment": modes["coserving"]["slo_attainment"] >= TARGETS["coserving_slo_attainment"],
-        "coserving_vs_best_baseline": co_ft > 0 if vs_best is None else vs_best >= TARGETS["coserving_vs_best_baseline"],
+        "coserving_slo_attainment": meets_slo, "coserving_vs_best_baseline": meets_slo and beats_best,
         "coserving_vs_finetune_alone": vs_alone is not None and vs_alone >= TARGETS["coserving_vs_finetune_alone"]}
     return verdict
 

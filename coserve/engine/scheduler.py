@@ -49,9 +49,13 @@ class Scheduler:
 
     @property
     def inference_token_budget(self) -> int:
-        """Most inference tokens per iteration: max_num_batched_tokens, lowered to fit the limit."""
-        fit = self.cost_model.max_forward_tokens(self.limit)
-        return max(1, min(self.config.max_num_batched_tokens, fit))
+        """Most inference tokens per iteration: max_num_batched_tokens, whatever the SLO.
+
+        NOTE: the SLO limits what finetuning adds, never inference itself: capping prefill
+        chunks at the TPOT target would trade the TTFT of new requests for nothing, since
+        the same prefill chunk runs in an inference-only engine too.
+        """
+        return self.config.max_num_batched_tokens
 
     # ------------------------------------------------------------------ queue
 

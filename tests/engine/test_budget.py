@@ -19,7 +19,7 @@ def test_slo_engine_profiles_saves_and_reuses_the_latency_profile(tiny_llama_dir
         budget = stats["budget"]
         cost = CostModel.from_dict(profile)
         assert budget["tpot_slo_ms"] == 500 and budget["unit"] == "s"
-        assert budget["inference_token_budget"] == min(256, cost.max_forward_tokens(0.5))
+        assert budget["inference_token_budget"] == 256 and budget["max_forward_tokens"] == cost.max_forward_tokens(0.5)
         job = llm.finetune(FinetuneConfig(adapter="ft", peft={"r": 2, "target_modules": ["q_proj"]},
                                           dataset=[{"input_ids": list(range(5, 40))}] * 2, max_steps=1,
                                           batch_size=2))
