@@ -1,10 +1,11 @@
 """The iteration budget: from the TPOT SLO and a latency profile, or in tokens without an SLO.
 
 With `tpot_slo_ms`, the engine profiles iteration latency at start-up (or
-loads the saved profile named by `latency_profile`) and the scheduler keeps
-every iteration's predicted latency under the SLO: inference first, finetuning
-in what is left. Without an SLO the budget is `max_num_batched_tokens` forward
-tokens, a backward token counting as several (`DEFAULT_BACKWARD_TOKEN_RATIO`).
+loads the saved profile named by `latency_profile`); inference is scheduled as
+in an inference-only engine and finetuning is added only while the
+iteration's predicted latency stays under the SLO. Without an SLO the budget
+is `max_num_batched_tokens` forward tokens, a backward token counting as
+several (`DEFAULT_BACKWARD_TOKEN_RATIO`).
 """
 from __future__ import annotations
 
