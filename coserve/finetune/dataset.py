@@ -429,8 +429,17 @@ def step_batches(num_examples: int, examples_per_step: int, max_steps: int, *,
                                  ("examples_per_step", examples_per_step, 1), ("max_steps", max_steps, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return list(iter_step_batches(num_examples, examples_per_step, max_steps, shuffle=shuffle, seed=seed))
+
+
+def iter_step_batches(num_examples: int, examples_per_step: int, max_steps: int | None = None, *,
+                      shuffle: bool, seed: int) -> Iterator[list[int]]:
+    """`step_batches`, one step at a time (a long job never holds its whole plan); None = forever."""
     indices = _epochs(num_examples, shuffle, random.Random(seed))
-    return [[next(indices) for _ in range(examples_per_step)] for _ in range(max_steps)]
+    step = 0
+    while max_steps is None or step < max_steps:
+        yield [next(indices) for _ in range(examples_per_step)]
+        step += 1
 
 
 def _epochs(num_examples: int, shuffle: bool, rng: random.Random) -> Iterator[int]:

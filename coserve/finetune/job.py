@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from coserve.config import FinetuneConfig
-from coserve.finetune.dataset import IGNORE_INDEX, TrainingExample, step_batches
+from coserve.finetune.dataset import IGNORE_INDEX, TrainingExample, iter_step_batches
 from coserve.finetune.optim import build_lr_scheduler, build_optimizer
 from coserve.finetune.trainable import TrainableLoRA
 from peft_methods.lora.weights import save_adapter
@@ -44,8 +44,8 @@ class FinetuneJob:
         self.config = config
         self.examples = examples
         self.lora = lora
-        self.plan = step_batches(len(examples), config.sequences_per_step, config.max_steps,
-                                 shuffle=config.shuffle, seed=config.seed)
+        self._plan = iter_step_batches(len(examples), config.sequences_per_step, config.max_steps,
+                                       shuffle=config.shuffle, seed=config.seed)
         self.optimizer = build_optimizer(config, lora.parameters())
         self.lr_scheduler = build_lr_scheduler(config, self.optimizer)
         self.status = "queued"
@@ -75,7 +75,7 @@ class FinetuneJob:
     def step_sequences(self) -> tuple[list[StepSequence], float]:
         """The sequences of the current step and the loss weight of one target token."""
         sequences = []
-        for i, index in enumerate(self.plan[self.step]):
+        for i, index in enumerate(next(self._plan)):
             example = self.examples[index]
             targets = list(example.labels[1:]) + [IGNORE_INDEX]
             sequences.append(StepSequence(f"{self.job_id}/s{self.step}/{i}", list(example.input_ids), targets))
