@@ -53,12 +53,3 @@ class SequenceBuffers:
         if self.grad_key is not None:
             held += [self.grad_key, self.grad_value]
         return sum(t.untyped_storage().nbytes() for t in held)
-
-    def max_nbytes(self) -> int:
-        """Bytes held if the accumulators cover the whole sequence (several windows, the worst case)."""
-        numel = 1
-        for size in self._kv_grad_shape:
-            numel *= size
-        accumulators = 2 * numel * torch.empty((), dtype=self.GRAD_DTYPE).element_size()
-        held = [self.layer_inputs, self.grad_final, self.targets]
-        return sum(t.untyped_storage().nbytes() for t in held) + accumulators

@@ -63,13 +63,6 @@ class FinetuneExecutor:
         seq = self._sequences.get(seq_id)
         return seq.job_id if seq is not None else None
 
-    def buffer_plan_bytes(self, length: int) -> int:
-        """Bytes one sequence of `length` tokens keeps outside the KV cache, from the real tensor sizes."""
-        cfg = self.model.config
-        probe = SequenceBuffers(cfg.num_hidden_layers, length, cfg.hidden_size, cfg.num_key_value_heads,
-                                head_dim_of(cfg), [0] * length, self.dtype, torch.device("meta"))
-        return probe.max_nbytes()
-
     def release(self, seq_id: str) -> None:
         self._sequences.pop(seq_id, None)
 
@@ -81,9 +74,6 @@ class FinetuneExecutor:
         """Bytes this sequence's buffers hold now."""
         seq = self._sequences.get(seq_id)
         return seq.buffers.nbytes() if seq is not None and seq.buffers is not None else 0
-
-    def is_registered(self, seq_id: str) -> bool:
-        return seq_id in self._sequences
 
     def held_bytes(self) -> int:
         """Bytes kept for backward by all registered sequences (K/V cache blocks not included)."""

@@ -212,9 +212,6 @@ class FinetuneManager:
         if not job.future.done():
             job.future.set_result(job)
 
-    def has_active_jobs(self) -> bool:
-        return any(not job.is_finished for job in self.jobs.values())
-
     def stats(self) -> dict:
         return {"jobs": {job_id: job.progress() for job_id, job in self.jobs.items()},
                 "num_sequences_in_flight": self.planner.num_in_flight(),
