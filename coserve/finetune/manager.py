@@ -75,9 +75,7 @@ class FinetuneManager:
             return TrainableLoRA.from_adapter(adapter, device)
         lora_config = lora_config_from_peft(config.peft)
         lora = TrainableLoRA.initialize(lora_config, self.adapters.layers, config.seed, device)
-        too_big = max(a.shape[0] for a, _ in lora.params.values())
-        if too_big > self.adapters.max_lora_rank:
-            raise ValueError(f"LoRA rank {too_big} is above max_lora_rank={self.adapters.max_lora_rank}")
+        self.adapters.validate(lora.to_adapter(), source=f"LoRA config of {config.adapter!r}")
         return lora
 
     def _check_name_free(self, name: str) -> None:
@@ -154,7 +152,7 @@ class FinetuneManager:
         try:
             loss = job.optimizer_step()
             self.adapters.update_weights(job.adapter, job.lora.to_adapter())
-            if job.config.save_steps and job.step % job.config.save_steps == 0 and not job.is_last_step:
+            if job.config.save_steps and job.step % job.config.save_steps == 0:
                 job.save_checkpoint()
             logger.info("job %s step %d/%d loss %.4f", job.job_id, job.step, job.config.max_steps, loss)
             if job.is_last_step:
@@ -167,8 +165,6 @@ class FinetuneManager:
 
     def _succeed(self, job: FinetuneJob) -> None:
         if job.config.output_dir is not None:
-            if job.config.save_steps and job.step % job.config.save_steps == 0:
-                job.save_checkpoint()
             job.save_adapter(job.config.output_dir)
         self.planner.remove_job(job.job_id)
         self._end(job, "succeeded")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from coserve.finetune.buffers import SequenceBuffers
+from coserve.models.attention import kv_cache_bytes_per_block
 from coserve.models.llama import CausalLM, head_dim_of
 
 RECOMPUTED = ("norms, q/k/v/o projections with LoRA, rotary, attention, gate/up projections and the "
@@ -48,6 +49,7 @@ def prune_backward(model: CausalLM, dtype: torch.dtype, block_size: int) -> Prun
         "final_hidden_grad": hidden * grad_size,
         "target_id": torch.empty((), dtype=torch.long).element_size(),
     }
-    report = PruneReport(sum(breakdown.values()), breakdown, breakdown["kv_cache"] * block_size)
+    kv_per_block = kv_cache_bytes_per_block(layers, block_size, cfg.num_key_value_heads, head_dim_of(cfg), dtype)
+    report = PruneReport(sum(breakdown.values()), breakdown, kv_per_block)
     model.backward_plan = report
     return report
