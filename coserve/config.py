@@ -226,13 +226,33 @@ class FinetuneConfig:
     """Where the final adapter is saved (PEFT format); checkpoints go to output_dir/checkpoint-<step>/."""
     save_steps: int | None = None
     """Write a checkpoint every this many optimizer steps; None = only the final adapter."""
+    resume_from_checkpoint: str | bool | None = None
+    """Continue a job from a `checkpoint-<step>` directory (its path, or True for the latest one in
+    output_dir): its adapter, LoRA config, optimizer, schedule, losses and data position. The data and
+    the training settings must be those of the job that wrote it (checked). A checkpoint of the last
+    step finishes the job at once, saving the final adapter. None or False: start fresh."""
 
     def __post_init__(self) -> None:
         _check(isinstance(self.adapter, str) and bool(self.adapter),
                f"adapter must be a non-empty name, got {self.adapter!r}")
         _check(self.dataset is not None, "dataset is required: a file path, a datasets.Dataset or a list of rows")
-        _check(self.peft is not None or self.init_adapter is not None,
-               "give peft (a peft.LoraConfig) or init_adapter (a saved adapter to continue)")
+        import os
+
+        if self.resume_from_checkpoint is False:
+            self.resume_from_checkpoint = None
+        if isinstance(self.resume_from_checkpoint, os.PathLike):
+            self.resume_from_checkpoint = os.fspath(self.resume_from_checkpoint)
+        _check(self.resume_from_checkpoint is None or self.resume_from_checkpoint is True
+               or (isinstance(self.resume_from_checkpoint, str) and bool(self.resume_from_checkpoint)),
+               "resume_from_checkpoint must be a checkpoint directory (output_dir/checkpoint-<step>), True "
+               f"(the latest checkpoint in output_dir) or None, got {self.resume_from_checkpoint!r}")
+        _check(self.resume_from_checkpoint is not True or self.output_dir is not None,
+               "resume_from_checkpoint=True looks for the latest checkpoint in output_dir; set output_dir "
+               "or give the checkpoint's path")
+        # NOTE: a checkpoint carries its own LoRA config, so resuming needs neither peft nor init_adapter.
+        _check(self.peft is not None or self.init_adapter is not None or self.resume_from_checkpoint is not None,
+               "give peft (a peft.LoraConfig), init_adapter (a saved adapter to continue) or "
+               "resume_from_checkpoint")
         _check(_is_positive_int(self.max_steps), f"max_steps must be a positive integer, got {self.max_steps!r}")
         _check(_is_positive_int(self.batch_size), f"batch_size must be a positive integer, got {self.batch_size!r}")
         _check(_is_positive_int(self.gradient_accumulation_steps),

@@ -6,27 +6,27 @@ sequences back, and calls `optimizer_step` once every sequence of the step has
 done its backward. The loss of a step is the sum of token losses over all its
 target tokens divided by their count; each token's gradient is weighted by
 1 / that count (`loss_scale`), so the gradients sum to the step's mean loss.
+A job resumed from a checkpoint (`resume_from`) continues exactly where the
+one that wrote it stood: same weights, optimizer, schedule and rows.
 """
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from pathlib import Path
+from functools import cached_property
 
 import torch
 
 from coserve.config import FinetuneConfig
+from coserve.finetune.checkpoint import FORMAT_VERSION, Checkpoint, check_same_job, job_identity, write_checkpoint
 from coserve.finetune.dataset import IGNORE_INDEX, TrainingExample, iter_step_batches
 from coserve.finetune.optim import build_lr_scheduler, build_optimizer
 from coserve.finetune.trainable import TrainableLoRA
 from peft_methods.lora.weights import save_adapter
 
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
-TRAINING_STATE_NAME = "training_state.pt"
 
 
 @dataclass
@@ -54,6 +54,7 @@ class FinetuneJob:
         self.losses: list[float] = []
         self.tokens_trained = 0            # tokens whose forward and backward are done
         self.checkpoints: list[str] = []
+        self.resumed_from: str | None = None
         self.created_at = time.time()
         self.started_at: float | None = None
         self.finished_at: float | None = None
@@ -116,29 +117,55 @@ class FinetuneJob:
     def save_adapter(self, path: str | os.PathLike) -> None:
         save_adapter(self.lora.to_adapter(), path)
 
+    @cached_property
+    def identity(self) -> dict:
+        """The data fingerprint and settings a job resuming from this one's checkpoints must share."""
+        return job_identity(self.config, self.examples)
+
     def save_checkpoint(self) -> str:
         """output_dir/checkpoint-<step>/: adapter, optimizer, schedule, data position; written atomically."""
-        root = Path(self.config.output_dir)
-        root.mkdir(parents=True, exist_ok=True)
-        final = root / f"checkpoint-{self.step}"
-        tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{self.step}-", dir=root))
+        state = {"format_version": FORMAT_VERSION, "step": self.step, "losses": list(self.losses),
+                 "tokens_trained": self.tokens_trained, "checkpoints": list(self.checkpoints),
+                 "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+                 "param_modules": list(self.lora.params), "identity": self.identity,
+                 # NOTE: kept for inspection only; a resume does not restore it (see resume_from).
+                 "rng": torch.get_rng_state()}
+        path = write_checkpoint(self.config.output_dir, self.step, self.lora.to_adapter(), state)
+        self.checkpoints.append(path)
+        return path
+
+    def resume_from(self, checkpoint: Checkpoint) -> None:
+        """Continue from `checkpoint`; the job's LoRA must have been built from `checkpoint.adapter`.
+
+        Raises ValueError naming the field in which this job differs from the one that wrote it.
+        """
+        if self.step != 0:
+            raise RuntimeError(f"job {self.job_id} has already trained {self.step} steps; resume a fresh job")
+        check_same_job(checkpoint, self.identity)
+        state = checkpoint.state
         try:
-            self.save_adapter(tmp)
-            torch.save({"step": self.step, "losses": list(self.losses), "tokens_trained": self.tokens_trained,
-                        "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
-                        "rng": torch.get_rng_state(), "config_seed": self.config.seed}, tmp / TRAINING_STATE_NAME)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        self.checkpoints.append(str(final))
-        return str(final)
+            # NOTE: the schedule was built first (its constructor rewrites the lr); the optimizer's
+            # state brings back the lr of the next step, then the schedule its position.
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise ValueError(f"resume_from_checkpoint: {checkpoint.path}: optimizer or schedule state does not "
+                             f"fit this job's parameters ({type(exc).__name__}: {exc})") from exc
+        self.step = checkpoint.step
+        self.losses = list(state["losses"])
+        self.tokens_trained = state["tokens_trained"]
+        self.checkpoints = list(state["checkpoints"]) + [checkpoint.path]
+        self.resumed_from = checkpoint.path
+        # Same seed, same plan: drop the batches of the steps already done, so step k uses the rows
+        # an uninterrupted run would (epoch boundaries included). The global torch RNG is not restored:
+        # training draws nothing from it (no dropout; rows and init use their own seeded generators),
+        # and inference sampling shares it.
+        for _ in range(self.step):
+            next(self._plan)
 
     def progress(self) -> dict:
         return {"job_id": self.job_id, "adapter": self.adapter, "status": self.status, "error": self.error,
                 "step": self.step, "max_steps": self.config.max_steps, "losses": list(self.losses),
                 "last_loss": self.losses[-1] if self.losses else None, "tokens_trained": self.tokens_trained,
-                "checkpoints": list(self.checkpoints), "created_at": self.created_at,
-                "started_at": self.started_at, "finished_at": self.finished_at}
+                "checkpoints": list(self.checkpoints), "resumed_from": self.resumed_from,
+                "created_at": self.created_at, "started_at": self.started_at, "finished_at": self.finished_at}

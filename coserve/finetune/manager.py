@@ -1,7 +1,8 @@
 """Runs finetuning jobs inside the engine: admission, per-iteration bookkeeping, steps, saving.
 
 `prepare` turns a FinetuneConfig into a ready `FinetuneJob` (data read and
-tokenized, adapter initialized, every check done) and may run on any thread.
+tokenized, adapter initialized or restored from a checkpoint, every check
+done) and may run on any thread.
 Everything else runs on the engine's thread between iterations: `submit`
 registers the adapter for serving and hands the first step's sequences to the
 scheduler; `after_iteration` books losses and finished backwards, steps the
@@ -21,6 +22,7 @@ from coserve.engine.adapter_manager import AdapterManager
 from coserve.engine.finetune_planner import FinetunePlanner
 from coserve.engine.outputs import RunnerOutput, SchedulerOutput
 from coserve.engine.training_sequence import BackwardWindow, TrainingSequence
+from coserve.finetune.checkpoint import Checkpoint, load_checkpoint, resume_path
 from coserve.finetune.dataset import load_rows, tokenize_rows
 from coserve.finetune.executor import FinetuneExecutor
 from coserve.finetune.job import FinetuneJob
@@ -58,12 +60,25 @@ class FinetuneManager:
                              f"{self.max_model_len}")
         if config.save_steps is not None and config.output_dir is None:
             raise ValueError("save_steps needs output_dir: checkpoints are written to output_dir/checkpoint-<step>/")
-        lora = self._initial_lora(config)
+        # A bad checkpoint fails before the dataset is read.
+        path = resume_path(config)
+        checkpoint = load_checkpoint(path) if path is not None else None
+        lora = self._resumed_lora(config, checkpoint) if checkpoint is not None else self._initial_lora(config)
         rows = load_rows(config.dataset)
         source = config.dataset if isinstance(config.dataset, (str, os.PathLike)) else "dataset"
         examples = tokenize_rows(rows, self.tokenizer, config.max_seq_len, packing=config.packing,
                                  vocab_size=self.model.config.vocab_size, source_name=str(source))
-        return FinetuneJob(f"ftjob-{next(_job_counter)}", config, examples, lora)
+        job = FinetuneJob(f"ftjob-{next(_job_counter)}", config, examples, lora)
+        if checkpoint is not None:
+            job.resume_from(checkpoint)
+        return job
+
+    def _resumed_lora(self, config: FinetuneConfig, checkpoint: Checkpoint) -> TrainableLoRA:
+        if config.peft is not None or config.init_adapter is not None:
+            logger.info("resume_from_checkpoint given: the checkpoint's LoRA config and weights are used, "
+                        "peft and init_adapter are ignored")
+        self.adapters.validate(checkpoint.adapter, source=checkpoint.path)
+        return TrainableLoRA.from_adapter(checkpoint.adapter, self.model.lm_head.weight.device)
 
     def _initial_lora(self, config: FinetuneConfig) -> TrainableLoRA:
         device = self.model.lm_head.weight.device
@@ -92,12 +107,17 @@ class FinetuneManager:
         self.jobs[job.job_id] = job
         self.planner.add_job(job.job_id, job.adapter, max_in_flight=job.config.batch_size)
         job.status, job.started_at = "running", time.time()
+        logger.info("finetuning job %s started: adapter %r, %d examples, %d steps%s", job.job_id, job.adapter,
+                    len(job.examples), job.config.max_steps,
+                    f", resumed at step {job.step} from {job.resumed_from}" if job.resumed_from else "")
         try:
-            self._start_step(job)
+            if job.is_last_step:
+                # Resumed from the checkpoint of its last step: nothing left to train.
+                self._succeed(job)
+            else:
+                self._start_step(job)
         except Exception as exc:
             self.fail(job.job_id, f"{type(exc).__name__}: {exc}")
-        logger.info("finetuning job %s started: adapter %r, %d examples, %d steps", job.job_id, job.adapter,
-                    len(job.examples), job.config.max_steps)
         return job
 
     def _start_step(self, job: FinetuneJob) -> None:
