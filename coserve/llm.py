@@ -28,11 +28,13 @@ class LLM:
         outs = llm.generate(["a", "b"], SamplingParams(max_tokens=32, temperature=0), adapter=["sql", None])
     """
 
-    def __init__(self, model: str, **kwargs) -> None:
+    def __init__(self, model: str, *, caller_drives: bool = True, **kwargs) -> None:
+        """kwargs: EngineConfig's fields. caller_drives=False steps the engine only on its own
+        thread (for callers on a pool of threads, e.g. a Ray actor), see `EngineLoop`."""
         self.config = EngineConfig(model=model, **kwargs)
         self.engine = Engine(self.config)
         self.tokenizer = self.engine.tokenizer
-        self._loop = EngineLoop(self.engine)
+        self._loop = EngineLoop(self.engine, caller_drives=caller_drives)
 
     # ---- generation ----------------------------------------------------------------------
 

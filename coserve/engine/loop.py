@@ -11,13 +11,16 @@ started from a second thread while another thread's OpenMP team exists cost
 about 10x more (measured here: a [16, 512] x [512, 16] linear takes 7 us on the
 main thread, 60-150 us on a worker thread), which made the engine several
 times slower for small ops. Stepping on the caller's thread keeps torch work on
-the thread that loaded the model in the common case.
+the thread that loaded the model in the common case. Where callers come from a
+pool of threads (a Ray actor's methods), `caller_drives=False` keeps every step
+on the loop's own thread instead.
 """
 from __future__ import annotations
 
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from typing import Any, Callable
@@ -31,8 +34,9 @@ _POLL_SECONDS = 0.002
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, caller_drives: bool = True) -> None:
         self.engine = engine
+        self.caller_drives = caller_drives
         self._commands: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
         self._pending: dict[str, Future] = {}
         self._driver = threading.Lock()          # held while stepping the engine
@@ -59,6 +63,8 @@ class EngineLoop:
 
     def wait(self, future: Future, timeout: float | None = None) -> Any:
         """Block until the future is done, stepping the engine meanwhile if nobody else is."""
+        if not self.caller_drives:
+            return self._wait_without_driving(future, timeout)
         with self._state:
             self._num_waiters += 1
         try:
@@ -82,6 +88,15 @@ class EngineLoop:
         finally:
             with self._state:
                 self._num_waiters -= 1
+
+    def _wait_without_driving(self, future: Future, timeout: float | None) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not future.done() and not self._stopped:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            wait_futures([future], timeout=0.1 if left is None else min(0.1, left))
+        return future.result(timeout=0 if timeout is not None or self._stopped else None)
 
     def track(self, request: Request) -> Future:
         """Called from a command: a future that resolves with the request once it finishes."""
