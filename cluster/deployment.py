@@ -1,0 +1,245 @@
+"""`Deployment`: many engines on a Ray cluster behind one controller, used like one `LLM`.
+
+    dep = Deployment.start(model=path, num_workers=2, name="coserve")   # embedded local Ray
+    outs = dep.generate(prompts, SamplingParams(max_tokens=32), adapter=["sql", None])
+    job = dep.finetune(FinetuneConfig(...)); job.wait()
+    Deployment.connect("coserve")      # from another process or Ray job on the same cluster
+
+The controller and the workers are detached named actors in Ray namespace
+"coserve": the deployment outlives the process that started it only if that
+process does not end (`coserve serve` blocks); a process that started one
+shuts it down on exit.
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import ray
+from ray.exceptions import RayActorError
+
+from cluster.controller import NAMESPACE, Controller, controller_name
+from cluster.errors import DeploymentNotFoundError
+from cluster.job_handle import ClusterJob
+from cluster.placement import plan_workers
+from cluster.ray_connect import connect_ray
+from coserve.config import EngineConfig, FinetuneConfig
+from coserve.finetune.dataset import load_rows
+from coserve.outputs import RequestOutput
+from coserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+CONTROLLER_MAX_CONCURRENCY = 512
+CONTROLLER_RESTART_WAIT_S = 60.0
+# Calls that read or that can run twice without harm; others are not retried across a controller restart.
+_RETRYABLE = {"job", "jobs", "stats", "workers_info", "list_adapters", "generate", "ping"}
+
+
+def default_directory(name: str) -> Path:
+    root = os.environ.get("COSERVE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "coserve"))
+    return Path(root) / "deployments" / name
+
+
+class Deployment:
+    def __init__(self, name: str, controller, owns_ray: bool = False) -> None:
+        self.name = name
+        self._controller = controller
+        self._owns_ray = owns_ray
+        self._closed = False
+
+    # ---- starting and connecting ---------------------------------------------------------------
+
+    @classmethod
+    def start(cls, model: str, num_workers: int = 1, name: str = "coserve", ray_address: str | None = None, *,
+              mode: str = "coserve", use_gpu: bool | None = None, gpus_per_worker: float = 1.0,
+              cpus_per_worker: float = 1.0, directory: str | os.PathLike | None = None,
+              retry_timeout_s: float = 120.0, **engine_kwargs) -> "Deployment":
+        """Start a controller and its workers; bad input raises and leaves nothing running.
+
+        Args:
+            model: model directory or .gguf file, readable by every worker.
+            num_workers: device shares (co-serving workers; in spatial mode each share holds two).
+            ray_address: None = the Ray instance this process already joined, else a new local one;
+                "auto" or "host:port" = an existing cluster.
+            mode: "coserve" or "spatial" (an inference-only and a finetuning-only worker per share).
+            use_gpu: None = when the cluster has GPUs. gpus_per_worker may be a fraction (shared GPU).
+            cpus_per_worker: CPUs per share on CPU clusters; also each worker's torch thread count.
+            directory: where the job table, adapter registry and default job outputs live
+                (default ~/.cache/coserve/deployments/<name>; must be shared by all nodes).
+            engine_kwargs: EngineConfig fields for every worker's engine (dtype, max_loras, tpot_slo_ms, ...).
+        """
+        EngineConfig(model=model, **engine_kwargs)   # unknown or bad engine settings fail here, before Ray
+        if not os.path.exists(model):
+            raise FileNotFoundError(f"model {model!r} does not exist (a model directory or a .gguf file)")
+        owns_ray = connect_ray(ray_address)
+        try:
+            if _find_controller(name) is not None:
+                raise ValueError(f"a deployment named {name!r} is already running; connect to it with "
+                                 f"Deployment.connect({name!r}) or pick another name")
+            specs = plan_workers(num_workers, mode, ray.cluster_resources(), use_gpu=use_gpu,
+                                 gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker)
+            directory = Path(directory) if directory is not None else default_directory(name)
+            controller = ray.remote(Controller).options(
+                name=controller_name(name), namespace=NAMESPACE, lifetime="detached", num_cpus=0,
+                max_restarts=-1, max_concurrency=CONTROLLER_MAX_CONCURRENCY,
+            ).remote(name, os.path.abspath(model), specs, engine_kwargs, str(directory.resolve()),
+                     retry_timeout_s)
+            try:
+                ray.get(controller.start.remote())
+            except Exception as exc:
+                ray.kill(controller, no_restart=True)
+                raise RuntimeError(f"deployment {name!r} failed to start: {getattr(exc, 'cause', None) or exc}") \
+                    from None
+        except BaseException:
+            if owns_ray:
+                ray.shutdown()
+            raise
+        deployment = cls(name, controller, owns_ray=owns_ray)
+        atexit.register(deployment.shutdown)
+        logger.info("deployment %s started with %d worker(s)", name, len(specs))
+        return deployment
+
+    @classmethod
+    def connect(cls, name: str = "coserve", ray_address: str | None = None) -> "Deployment":
+        """Attach to a running deployment (ray_address None: the joined Ray instance, else "auto")."""
+        owns_ray = connect_ray(ray_address if ray_address is not None else "auto", allow_existing=True)
+        controller = _find_controller(name)
+        if controller is None:
+            running = _running_deployments()
+            if owns_ray:
+                ray.shutdown()
+            raise DeploymentNotFoundError(
+                f"no coserve deployment named {name!r} runs on this Ray cluster"
+                + (f"; running: {', '.join(running)}" if running else "; none is running (start one with "
+                   "`coserve serve`)"))
+        return cls(name, controller, owns_ray=False)
+
+    # ---- inference -----------------------------------------------------------------------------
+
+    def generate(self, prompts: str | Sequence[str] | None = None,
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 adapter: str | None | Sequence[str | None] = None,
+                 prompt_token_ids: Sequence[Sequence[int]] | None = None) -> list[RequestOutput]:
+        """Same arguments and results as `LLM.generate`; requests are spread over the workers."""
+        if (prompts is None) == (prompt_token_ids is None):
+            raise ValueError("give exactly one of prompts or prompt_token_ids")
+        texts = None if prompts is None else ([prompts] if isinstance(prompts, str) else list(prompts))
+        token_ids = None if prompt_token_ids is None else [list(t) for t in prompt_token_ids]
+        count = len(texts) if texts is not None else len(token_ids)
+        params = _per_prompt(sampling_params if sampling_params is not None else SamplingParams(), count,
+                             "sampling_params", SamplingParams)
+        adapters = _per_prompt(adapter, count, "adapter", (str, type(None)))
+        if count == 0:
+            return []
+        return self._call("generate", texts, params, adapters, token_ids)
+
+    # ---- finetuning ----------------------------------------------------------------------------
+
+    def finetune(self, config: FinetuneConfig, worker: str | None = None) -> ClusterJob:
+        """Start a finetuning job on the worker with the most headroom (or `worker`); returns at once.
+
+        A dataset given as a file path is read here, so workers on other machines need not see the file.
+        """
+        if not isinstance(config, FinetuneConfig):
+            raise TypeError(f"expected a FinetuneConfig, got {type(config).__name__}")
+        if isinstance(config.dataset, (str, os.PathLike)):
+            config = dataclasses.replace(config, dataset=load_rows(config.dataset))
+        if config.output_dir is not None:
+            config = dataclasses.replace(config, output_dir=os.path.abspath(config.output_dir))
+        return ClusterJob(self, self._call("submit_job", config, worker))
+
+    def job(self, job_id: str) -> ClusterJob:
+        self._call("job", job_id)   # raises KeyError for an unknown id
+        return ClusterJob(self, job_id)
+
+    def jobs(self) -> list[dict]:
+        return self._call("jobs")
+
+    # ---- adapters, workers, stats --------------------------------------------------------------
+
+    def load_adapter(self, name: str, path: str) -> None:
+        self._call("load_adapter", name, os.path.abspath(path))
+
+    def unload_adapter(self, name: str) -> None:
+        self._call("unload_adapter", name)
+
+    def list_adapters(self) -> list[str]:
+        return self._call("list_adapters")
+
+    def workers(self) -> list[dict]:
+        """One record per worker: name, role, actor (Ray handle), device, healthy, load (queued tokens), ..."""
+        return self._call("workers_info")
+
+    def stats(self) -> dict:
+        return self._call("stats")
+
+    def shutdown(self) -> None:
+        """Stop every worker and the controller (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if not ray.is_initialized():
+            return
+        try:
+            ray.get(self._controller.shutdown.remote(), timeout=60)
+        except Exception as exc:  # a dead controller still gets killed below
+            logger.warning("controller shutdown failed: %s", exc)
+        try:
+            ray.kill(self._controller, no_restart=True)
+        except Exception:
+            pass
+        if self._owns_ray:
+            ray.shutdown()
+
+    def __enter__(self) -> "Deployment":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # ---- calls to the controller ---------------------------------------------------------------
+
+    def _call(self, method: str, *args):
+        """Call the controller; reads are retried while Ray restarts a dead controller."""
+        if self._closed:
+            raise RuntimeError(f"deployment {self.name!r} was shut down")
+        deadline = time.monotonic() + CONTROLLER_RESTART_WAIT_S
+        while True:
+            try:
+                return ray.get(getattr(self._controller, method).remote(*args))
+            except RayActorError:
+                if method not in _RETRYABLE or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+            except ray.exceptions.RayTaskError as exc:
+                raise (exc.cause if exc.cause is not None else exc) from None
+
+
+def _find_controller(name: str):
+    try:
+        return ray.get_actor(controller_name(name), namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+def _running_deployments() -> list[str]:
+    from ray.util import list_named_actors
+
+    return sorted(a["name"].rsplit(":", 1)[0] for a in list_named_actors(all_namespaces=True)
+                  if a.get("namespace") == NAMESPACE and a["name"].endswith(":controller"))
+
+
+def _per_prompt(value, count: int, name: str, kind) -> list:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * count
+    if len(values) != count:
+        raise ValueError(f"{name} has {len(values)} entries for {count} prompts")
+    for v in values:
+        if not isinstance(v, kind):
+            raise TypeError(f"{name} entries must be {kind}, got {type(v).__name__}")
+    return values

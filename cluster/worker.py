@@ -1,0 +1,146 @@
+"""`EngineWorker`: one engine on one device share, the plain class inside a worker actor.
+
+It owns an `LLM` whose engine steps on its own thread (`caller_drives=False`),
+so the actor's thread pool can call `generate` from many threads at once and
+they batch together. Everything here is plain Python: tests use it without Ray,
+and `cluster.actors` wraps it in a Ray actor unchanged.
+
+A worker has a role: "coserve" (inference and finetuning in the same
+iterations), "inference" or "finetune" (the two halves of spatial sharing).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from typing import Sequence
+
+from coserve.config import FinetuneConfig
+from coserve.finetune.handle import FinetuneJobHandle
+from coserve.llm import LLM
+from coserve.outputs import RequestOutput
+from coserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("coserve", "inference", "finetune")
+
+
+class EngineWorker:
+    def __init__(self, name: str, model: str, role: str = "coserve", device_label: str | None = None,
+                 **engine_kwargs) -> None:
+        if role not in ROLES:
+            raise ValueError(f"worker role must be one of {ROLES}, got {role!r}")
+        self.name = name
+        self.role = role
+        self.llm = LLM(model, caller_drives=False, **engine_kwargs)
+        self.device = device_label or str(self.llm.engine.device)
+        self._jobs: dict[str, FinetuneJobHandle] = {}
+        self._lock = threading.Lock()
+        self._queued_tokens = 0
+
+    # ---- identity and health ------------------------------------------------------------------
+
+    def ping(self) -> str:
+        return self.name
+
+    def info(self) -> dict:
+        return {"name": self.name, "role": self.role, "device": self.device, "pid": os.getpid(),
+                "host": socket.gethostname(), "adapters": self.llm.list_adapters()}
+
+    # ---- inference ----------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[str] | None, sampling_params: Sequence[SamplingParams],
+                 adapters: Sequence[str | None], prompt_token_ids: Sequence[Sequence[int]] | None = None
+                 ) -> list[RequestOutput]:
+        """One sub-batch routed here; per-prompt params and adapters (same as `LLM.generate`)."""
+        if self.role == "finetune":
+            raise RuntimeError(f"worker {self.name} is finetuning-only and serves no inference")
+        tokens = sum(p.max_tokens or 0 for p in sampling_params)
+        with self._lock:
+            self._queued_tokens += tokens
+        try:
+            return self.llm.generate(prompts=list(prompts) if prompts is not None else None,
+                                     sampling_params=list(sampling_params), adapter=list(adapters),
+                                     prompt_token_ids=prompt_token_ids)
+        finally:
+            with self._lock:
+                self._queued_tokens -= tokens
+
+    # ---- adapters -----------------------------------------------------------------------------
+
+    def ensure_adapter(self, name: str, path: str) -> bool:
+        """Load `name` from `path` unless it is already here; True if it was loaded now."""
+        if name in self.llm.list_adapters():
+            return False
+        self.llm.load_adapter(name, path)
+        return True
+
+    def unload_adapter(self, name: str) -> bool:
+        if name not in self.llm.list_adapters():
+            return False
+        self.llm.unload_adapter(name)
+        return True
+
+    def list_adapters(self) -> list[str]:
+        return self.llm.list_adapters()
+
+    # ---- finetuning ---------------------------------------------------------------------------
+
+    def start_finetune(self, config: FinetuneConfig) -> str:
+        """Start a job; bad input raises here and starts nothing. Returns the engine's job id."""
+        if self.role == "inference":
+            raise RuntimeError(f"worker {self.name} is inference-only and runs no finetuning")
+        handle = self.llm.finetune(config)
+        self._jobs[handle.job_id] = handle
+        return handle.job_id
+
+    def job_progress(self, job_id: str) -> dict | None:
+        """The job's progress dict, None if this worker does not know the job (e.g. it restarted)."""
+        handle = self._jobs.get(job_id)
+        return handle.progress() if handle is not None else None
+
+    def wait_job(self, job_id: str, timeout: float | None = None) -> str:
+        return self._job(job_id).wait(timeout)
+
+    def cancel_job(self, job_id: str) -> bool:
+        return self._job(job_id).cancel()
+
+    def _job(self, job_id: str) -> FinetuneJobHandle:
+        try:
+            return self._jobs[job_id]
+        except KeyError:
+            raise KeyError(f"worker {self.name} has no finetuning job {job_id!r}") from None
+
+    # ---- load and stats -----------------------------------------------------------------------
+
+    def load(self) -> dict:
+        """What routing needs: resident adapters, queued inference tokens, finetuning headroom."""
+        stats = self.llm.stats()
+        running = sum(1 for h in self._jobs.values() if h.status in ("queued", "running"))
+        with self._lock:
+            queued = self._queued_tokens
+        return {"name": self.name, "role": self.role, "adapters": self.llm.list_adapters(),
+                "queued_tokens": queued, "running_jobs": running,
+                "finetune_headroom": finetune_headroom(stats, running) if self.role != "inference" else 0.0}
+
+    def stats(self) -> dict:
+        stats = self.llm.stats()
+        stats["worker"] = {"name": self.name, "role": self.role, "device": self.device}
+        return stats
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()
+
+
+def finetune_headroom(stats: dict, running_jobs: int) -> float:
+    """Finetuning tokens per iteration a new job could expect here.
+
+    The budget's forward-token capacity minus what inference used per iteration
+    lately, shared with the jobs already running (the planner splits it fairly).
+    """
+    capacity = float(stats["budget"]["max_forward_tokens"])
+    by_kind = stats.get("mean_tokens_per_iteration_by_kind") or {}
+    inference = float(by_kind.get("decode", 0.0)) + float(by_kind.get("prefill", 0.0))
+    return max(0.0, capacity - inference) / (running_jobs + 1)
