@@ -253,6 +253,54 @@ class Controller:
             pending.sort()
         return results
 
+    def generate_stream(self, prompt, sampling_params, adapter, prompt_token_ids=None):
+        """One request, streamed from its worker (a Ray streaming generator).
+
+        If the worker dies before the first chunk, the request is routed again; once
+        tokens have been streamed it cannot be, and fails with WorkerLostError.
+        """
+        prompts = None if prompt is None else [prompt]
+        token_ids = None if prompt_token_ids is None else [prompt_token_ids]
+        deadline = time.monotonic() + self.retry_timeout_s
+        lost_on: list[str] = []
+        while True:
+            try:
+                name = next(iter(self._route([0], prompts, [sampling_params], [adapter], token_ids)))
+            except NoWorkerError as exc:
+                if time.monotonic() > deadline:
+                    raise WorkerLostError(f"the request could not be served within {self.retry_timeout_s:.0f} s"
+                                          f"{f' (lost with {lost_on})' if lost_on else ''}: {exc}") from None
+                time.sleep(0.1)
+                continue
+            with self._lock:
+                handle = self.workers[name].handle
+                tokens = _request_tokens(0, prompts, token_ids, sampling_params)
+                self.workers[name].queued_tokens += tokens
+            streamed = 0
+            try:
+                self._dispatch_adapters(name, handle, [adapter])
+                chunks = handle.generate_stream.options(num_returns="streaming").remote(
+                    prompt, sampling_params, adapter, prompt_token_ids)
+                for ref in chunks:
+                    chunk = ray.get(ref)
+                    streamed += len(chunk.token_ids)
+                    yield chunk
+                return
+            except RayActorError:
+                self._mark_lost(name, handle)
+                lost_on.append(name)
+                if streamed:
+                    raise WorkerLostError(f"worker {name} died after {streamed} token(s) of the request were "
+                                          f"streamed; a partly streamed request is not retried") from None
+                if time.monotonic() > deadline:
+                    raise WorkerLostError(f"the request was lost with worker(s) {lost_on} and no retry "
+                                          f"finished within {self.retry_timeout_s:.0f} s") from None
+            except RayTaskError as exc:
+                raise _unwrap(exc) from None
+            finally:
+                with self._lock:
+                    self.workers[name].queued_tokens -= tokens
+
     def _route(self, indices: list[int], prompts, sampling_params, adapters, prompt_token_ids
                ) -> dict[str, list[int]]:
         groups: dict[str, list[int]] = {}
@@ -279,16 +327,19 @@ class Controller:
     def _dispatch(self, name: str, handle, indices: list[int], prompts, sampling_params, adapters,
                   prompt_token_ids):
         """Load missing adapters on the worker (where routed), then send it the sub-batch."""
-        with self._lock:
-            needed = {adapters[i] for i in indices if adapters[i] is not None} - self.workers[name].adapters
-        for adapter in sorted(needed):
-            ray.get(handle.ensure_adapter.remote(adapter, self.registry.get(adapter)))
-            with self._lock:
-                self.workers[name].adapters = self.workers[name].adapters | {adapter}
+        self._dispatch_adapters(name, handle, [adapters[i] for i in indices])
         return handle.generate.remote(
             [prompts[i] for i in indices] if prompts is not None else None,
             [sampling_params[i] for i in indices], [adapters[i] for i in indices],
             [prompt_token_ids[i] for i in indices] if prompt_token_ids is not None else None)
+
+    def _dispatch_adapters(self, name: str, handle, adapters) -> None:
+        with self._lock:
+            needed = {a for a in adapters if a is not None} - self.workers[name].adapters
+        for adapter in sorted(needed):
+            ray.get(handle.ensure_adapter.remote(adapter, self.registry.get(adapter)))
+            with self._lock:
+                self.workers[name].adapters = self.workers[name].adapters | {adapter}
 
     # ---- adapters ------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import ray
 from ray.exceptions import RayActorError
@@ -30,7 +30,7 @@ from cluster.placement import plan_workers
 from cluster.ray_connect import connect_ray
 from coserve.config import EngineConfig, FinetuneConfig
 from coserve.finetune.dataset import load_rows
-from coserve.outputs import RequestOutput
+from coserve.outputs import RequestOutput, StreamChunk
 from coserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -138,6 +138,24 @@ class Deployment:
         if count == 0:
             return []
         return self._call("generate", texts, params, adapters, token_ids)
+
+    def generate_stream(self, prompt: str | None = None, sampling_params: SamplingParams | None = None,
+                        adapter: str | None = None, prompt_token_ids: Sequence[int] | None = None
+                        ) -> Iterator[StreamChunk]:
+        """One request, streamed as `LLM.stream` does. A worker lost before the first chunk is
+        replaced by another; after it, the stream fails with WorkerLostError."""
+        if (prompt is None) == (prompt_token_ids is None):
+            raise ValueError("give exactly one of prompt or prompt_token_ids")
+        if self._closed:
+            raise RuntimeError(f"deployment {self.name!r} was shut down")
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        chunks = self._controller.generate_stream.options(num_returns="streaming").remote(
+            prompt, params, adapter, None if prompt_token_ids is None else list(prompt_token_ids))
+        for ref in chunks:
+            try:
+                yield ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:
+                raise (exc.cause if exc.cause is not None else exc) from None
 
     # ---- finetuning ----------------------------------------------------------------------------
 

@@ -14,12 +14,12 @@ import logging
 import os
 import socket
 import threading
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from coserve.config import FinetuneConfig
 from coserve.finetune.handle import FinetuneJobHandle
 from coserve.llm import LLM
-from coserve.outputs import RequestOutput
+from coserve.outputs import RequestOutput, StreamChunk
 from coserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,20 @@ class EngineWorker:
             return self.llm.generate(prompts=list(prompts) if prompts is not None else None,
                                      sampling_params=list(sampling_params), adapter=list(adapters),
                                      prompt_token_ids=prompt_token_ids)
+        finally:
+            with self._lock:
+                self._queued_tokens -= tokens
+
+    def generate_stream(self, prompt: str | None, sampling_params: SamplingParams, adapter: str | None,
+                        prompt_token_ids: Sequence[int] | None = None) -> Iterator[StreamChunk]:
+        """One request, streamed (`LLM.stream`); a Ray streaming generator in the actor."""
+        if self.role == "finetune":
+            raise RuntimeError(f"worker {self.name} is finetuning-only and serves no inference")
+        tokens = sampling_params.max_tokens or 0
+        with self._lock:
+            self._queued_tokens += tokens
+        try:
+            yield from self.llm.stream(prompt, sampling_params, adapter, prompt_token_ids)
         finally:
             with self._lock:
                 self._queued_tokens -= tokens

@@ -7,16 +7,17 @@ without disturbing requests already running.
 from __future__ import annotations
 
 import itertools
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from coserve.config import EngineConfig, FinetuneConfig
 from coserve.engine.engine import Engine
 from coserve.engine.loop import EngineLoop
 from coserve.finetune.handle import FinetuneJobHandle
-from coserve.outputs import RequestOutput
+from coserve.outputs import RequestOutput, StreamChunk
 from coserve.sampling_params import SamplingParams
 
 _request_counter = itertools.count()
+_STREAM_POLL_S = 0.005
 
 
 class LLM:
@@ -65,6 +66,42 @@ class LLM:
 
         futures = self._loop.call(add_all)
         return [RequestOutput.from_request(self._loop.wait(f), text) for f, text in zip(futures, texts)]
+
+    def stream(self, prompt: str | None = None, sampling_params: SamplingParams | None = None,
+               adapter: str | None = None, prompt_token_ids: Sequence[int] | None = None) -> Iterator[StreamChunk]:
+        """Generate for one prompt, yielding new tokens as iterations produce them.
+
+        The last chunk carries the whole RequestOutput. Bad input raises before the first chunk;
+        closing the generator early aborts the request.
+        """
+        texts, token_ids = self._prompts(None if prompt is None else [prompt],
+                                         None if prompt_token_ids is None else [prompt_token_ids])
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        request_id = f"stream-{next(_request_counter)}"
+        added = {}
+
+        def add():
+            self.engine.validate_request(token_ids[0], params, adapter)
+            added["request"] = self.engine.add_request(request_id, token_ids[0], params, adapter)
+            return self._loop.track(added["request"])
+
+        future = self._loop.call(add)
+        request, sent = added["request"], 0
+        try:
+            while not future.done():
+                produced = request.output_token_ids[sent:]   # the engine only appends while running
+                if produced:
+                    sent += len(produced)
+                    yield StreamChunk(list(produced))
+                try:
+                    self._loop.wait(future, timeout=_STREAM_POLL_S)
+                except TimeoutError:
+                    pass
+            final = RequestOutput.from_request(future.result(), texts[0])
+            yield StreamChunk(final.token_ids[sent:], final)
+        finally:
+            if not future.done():
+                self._loop.call(lambda: self.engine.abort_request(request_id))
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params=None, adapter=None) -> list[RequestOutput]:
         """Generate replies to chat conversations using the tokenizer's chat template."""

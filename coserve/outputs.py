@@ -31,3 +31,18 @@ class RequestOutput:
                    finish_reason=request.finish_reason or "abort", adapter=request.adapter,
                    logprobs=list(request.output_logprobs) if request.sampling_params.logprobs is not None else None,
                    error=request.error, metrics=metrics)
+
+
+@dataclass
+class StreamChunk:
+    """One piece of a streamed generation: the tokens new since the previous chunk.
+
+    The last chunk of a stream has `output` set: the whole RequestOutput (text, finish reason, metrics).
+    """
+
+    token_ids: list[int]
+    output: RequestOutput | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.output is not None

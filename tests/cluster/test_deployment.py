@@ -11,7 +11,7 @@ import pytest
 import ray
 from peft import LoraConfig
 
-from cluster import Deployment
+from cluster import Deployment, WorkerLostError
 from coserve import LLM, FinetuneConfig, SamplingParams
 from peft_methods.lora.weights import load_adapter
 from tests.helpers import make_peft_adapter_dir
@@ -181,6 +181,30 @@ def test_in_flight_requests_are_retried_on_another_worker(dep):
     with LLM(model=str(dep.stats()["model"]), **ENGINE) as llm:   # retried requests give the same tokens
         expected = llm.generate(prompt_token_ids=prompts[:1], sampling_params=params)
     assert result["outs"][0].token_ids == expected[0].token_ids
+
+
+def test_stream_equals_generate(dep):
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    chunks = list(dep.generate_stream(prompt_token_ids=[5, 6, 7], sampling_params=params, adapter="a"))
+    expected = dep.generate(prompt_token_ids=[[5, 6, 7]], sampling_params=params, adapter="a")[0]
+    assert chunks[-1].finished and not any(c.finished for c in chunks[:-1])
+    assert [t for c in chunks for t in c.token_ids] == expected.token_ids == chunks[-1].output.token_ids
+
+
+def test_a_partly_streamed_request_fails_clearly_when_its_worker_dies(dep):
+    params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+    stream = dep.generate_stream(prompt_token_ids=[9] * 64, sampling_params=params)
+    first = next(stream)
+    assert first.token_ids and not first.finished
+    busy = [w for w in dep.workers() if w["load"] > 0]
+    assert len(busy) == 1
+    started = time.monotonic()
+    ray.kill(busy[0]["actor"])
+    with pytest.raises(WorkerLostError, match=rf"worker {busy[0]['name']} died after \d+ token"):
+        for _ in stream:
+            pass
+    assert time.monotonic() - started < 60
+    wait_for(lambda: all(w["healthy"] for w in dep.workers()), RECOVERY_TIMEOUT_S, "the worker's replacement")
 
 
 def test_controller_restart_keeps_jobs_and_adapters(dep):
