@@ -94,22 +94,27 @@ class BenchContext:
 # ---- one engine ----------------------------------------------------------------------------
 
 
+def engine_kwargs(ctx: BenchContext, budget: int = INFERENCE_BUDGET, **overrides) -> dict:
+    """EngineConfig fields (all but `model`) of every engine of this benchmark, in-process or in a cluster."""
+    # NOTE: 1024 tokens of context and 0.5 GB of KV cover the trace and two training sequences;
+    # the default 2 GB per engine adds up when the spatial mode runs three processes.
+    return dict(dtype="float32", device=ctx.device, max_loras=len(ctx.adapter_paths) + 1,
+                max_num_batched_tokens=budget, max_model_len=1024, kv_cache_memory_gb=0.5,
+                latency_profile=ctx.latency_profile, **overrides)
+
+
 def build_engine(ctx: BenchContext, budget: int = INFERENCE_BUDGET, **overrides):
     from coserve.config import EngineConfig
     from coserve.engine.engine import Engine
 
-    # NOTE: 1024 tokens of context and 0.5 GB of KV cover the trace and two training sequences;
-    # the default 2 GB per engine adds up when the spatial mode runs three processes.
-    config = EngineConfig(model=ctx.model_dir, dtype="float32", device=ctx.device, max_loras=len(ctx.adapter_paths) + 1,
-                          max_num_batched_tokens=budget, max_model_len=1024, kv_cache_memory_gb=0.5,
-                          latency_profile=ctx.latency_profile, **overrides)
-    engine = Engine(config)
+    engine = Engine(EngineConfig(model=ctx.model_dir, **engine_kwargs(ctx, budget, **overrides)))
     for name, path in ctx.adapter_paths.items():
         engine.load_adapter(name, path)
     return engine
 
 
-def _sampling(max_tokens: int):
+def request_sampling(max_tokens: int):
+    """Sampling of every benchmark request: greedy, exactly `max_tokens` tokens."""
     from coserve.sampling_params import SamplingParams
 
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
@@ -117,7 +122,7 @@ def _sampling(max_tokens: int):
 
 def warm_up(engine, ctx: BenchContext, job=None, tag: str = "warmup") -> None:
     """One short request on an adapter and, with a job, steps until its first backward window has run."""
-    request = engine.add_request(f"{tag}-req", [11 + i for i in range(32)], _sampling(4),
+    request = engine.add_request(f"{tag}-req", [11 + i for i in range(32)], request_sampling(4),
                                  adapter=next(iter(ctx.adapter_paths)))
     backward_at_start = _backward_tokens(engine)
     while not (request.is_finished and (job is None or _backward_tokens(engine) > backward_at_start)):
@@ -173,7 +178,7 @@ def run_window(engine, trace: list[TraceRequest], window_s: float, job=None, pre
         while next_index < len(trace) and start + trace[next_index].arrival_s <= now:
             r = trace[next_index]
             requests[r.request_id] = engine.add_request(prefix + r.request_id, r.prompt_token_ids,
-                                                        _sampling(r.output_len), adapter=r.adapter)
+                                                        request_sampling(r.output_len), adapter=r.adapter)
             next_index += 1
         if engine.has_unfinished_requests():
             engine.step()
@@ -253,11 +258,42 @@ def measure_max_throughput(engine, ctx: BenchContext, num_requests: int, vocab_s
 
     Throughput counts prompt + output tokens, as the trace's rate does.
     """
-    burst = burst_trace(num_requests, PROMPT_RANGE, OUTPUT_RANGE, list(ctx.adapter_paths), vocab_size, seed=1)
+    burst = throughput_burst(ctx, num_requests, vocab_size)
     result = run_window(engine, burst, 600.0, prefix="burst-", stop_when_drained=True)
+    return throughput_figures(burst, result.wall_s)
+
+
+def throughput_burst(ctx: BenchContext, num_requests: int, vocab_size: int) -> list[TraceRequest]:
+    """The requests that measure the maximum throughput: the trace's distributions, seed 1, all at t=0."""
+    return burst_trace(num_requests, PROMPT_RANGE, OUTPUT_RANGE, list(ctx.adapter_paths), vocab_size, seed=1)
+
+
+def throughput_figures(burst: list[TraceRequest], wall_s: float) -> dict:
+    """The maximum-throughput entry of the report, for a burst that took `wall_s` to serve."""
     tokens = sum(r.num_tokens for r in burst)
-    return {"num_requests": len(burst), "tokens": tokens, "wall_s": round(result.wall_s, 2),
-            "tokens_per_s": round(tokens / result.wall_s, 1), "requests_per_s": round(len(burst) / result.wall_s, 2)}
+    return {"num_requests": len(burst), "tokens": tokens, "wall_s": round(wall_s, 2),
+            "tokens_per_s": round(tokens / wall_s, 1), "requests_per_s": round(len(burst) / wall_s, 2)}
+
+
+def draw_trace(ctx: BenchContext, setting: Setting, max_tokens_per_s: float,
+               vocab_size: int) -> tuple[float, list[TraceRequest]]:
+    """The trace's rate (LOAD_FRACTION of the maximum throughput, in requests/s) and the trace (seed 0)."""
+    rate = LOAD_FRACTION * max_tokens_per_s / mean_request_tokens(PROMPT_RANGE, OUTPUT_RANGE)
+    trace = poisson_trace(rate, setting.trace_s, PROMPT_RANGE, OUTPUT_RANGE, list(ctx.adapter_paths),
+                          vocab_size, seed=0)
+    if not trace:
+        raise RuntimeError(f"the trace is empty: {rate:.3f} requests/s for {setting.trace_s} s")
+    return rate, trace
+
+
+def window_for(setting: Setting, slo, trace: list[TraceRequest]) -> float:
+    """Every mode's window: the trace plus the time its last request needs if it just meets the SLO."""
+    return max(setting.trace_s + 1.0, max(slo.latest_finish(r) for r in trace))
+
+
+def coserving_tpot_slo_ms(setting: Setting, slo) -> float:
+    """tpot_slo_ms of the co-serving engine: tpot_safety x the TPOT SLO."""
+    return setting.tpot_safety * slo.tpot_s * 1e3
 
 
 # ---- FLOPs ---------------------------------------------------------------------------------
@@ -285,7 +321,7 @@ FLOP_FORMULA = ("inference: machine.model_flops over the requests finished in th
 # ---- the benchmark -------------------------------------------------------------------------
 
 
-def _swept(settings: dict[str, dict]) -> dict:
+def swept(settings: dict[str, dict]) -> dict:
     """A baseline's entry: its chosen setting's figures (finetuning 0 if no setting meets the SLO)."""
     chosen = best_setting(settings)
     if chosen is None:
@@ -322,11 +358,7 @@ def _inference_alone(ctx: BenchContext, setting: Setting, vocab_size: int) -> tu
     try:
         warm_up(engine, ctx)
         burst = measure_max_throughput(engine, ctx, setting.burst_requests, vocab_size)
-        rate = LOAD_FRACTION * burst["tokens_per_s"] / mean_request_tokens(PROMPT_RANGE, OUTPUT_RANGE)
-        trace = poisson_trace(rate, setting.trace_s, PROMPT_RANGE, OUTPUT_RANGE, list(ctx.adapter_paths),
-                              vocab_size, seed=0)
-        if not trace:
-            raise RuntimeError(f"the trace is empty: {rate:.3f} requests/s for {setting.trace_s} s")
+        rate, trace = draw_trace(ctx, setting, burst["tokens_per_s"], vocab_size)
         progress(f"max throughput {burst['tokens_per_s']} tokens/s; trace: {len(trace)} requests at {rate:.2f}/s")
         alone = run_window(engine, trace, setting.trace_s + 120.0, stop_when_drained=True)
     finally:
@@ -340,7 +372,7 @@ def _sharing_modes(ctx: BenchContext, setting: Setting, trace, window: float, sl
     from benchmarks.spatial_worker import run_spatial
 
     modes = {}
-    coserve = run_mode(ctx, trace, window, True, tpot_slo_ms=setting.tpot_safety * slo.tpot_s * 1e3)
+    coserve = run_mode(ctx, trace, window, True, tpot_slo_ms=coserving_tpot_slo_ms(setting, slo))
     modes["coserving"] = {**figures(coserve, slo, window), "engine_budget": coserve.budget}
     progress(f"coserving: {modes['coserving']['slo_attainment']:.3f} SLO, "
              f"{modes['coserving']['finetune_tokens_per_s']} finetune tokens/s")
@@ -350,16 +382,16 @@ def _sharing_modes(ctx: BenchContext, setting: Setting, trace, window: float, sl
         temporal[f"turn_{turn}"] = figures(result, slo, window)
         progress(f"temporal K={turn}: {temporal[f'turn_{turn}']['slo_attainment']:.3f} SLO, "
                  f"{temporal[f'turn_{turn}']['finetune_tokens_per_s']} finetune tokens/s")
-    modes["temporal"] = _swept(temporal)
+    modes["temporal"] = swept(temporal)
     modes["finetune_only"] = figures(run_mode(ctx, [], window, True, budget=FINETUNE_BUDGET), slo, window)
     modes["finetune_only"].update(slo_attainment=None, latency=None)  # no requests to score
     progress(f"finetune alone: {modes['finetune_only']['finetune_tokens_per_s']} tokens/s")
     spatial = run_spatial(ctx, trace, window, setting.spatial_splits, INFERENCE_BUDGET, FINETUNE_BUDGET)
-    modes["spatial"] = _swept({name: figures(result, slo, window) for name, result in spatial.items()})
+    modes["spatial"] = swept({name: figures(result, slo, window) for name, result in spatial.items()})
     return modes, coserve
 
 
-def _coserving_gflops(cfg, specs: dict[str, int], trace, result: WindowResult, window: float) -> float:
+def coserving_gflops(cfg, specs: dict[str, int], trace, result: WindowResult, window: float) -> float:
     """Achieved model GFLOP/s of the co-serving window (see FLOP_FORMULA)."""
     done = [(r, t) for r, t in zip(trace, result.timings) if t.is_finished]
     flops = model_flops(cfg, [len(r.prompt_token_ids) for r, _ in done], [t.num_output_tokens for _, t in done],
@@ -369,17 +401,17 @@ def _coserving_gflops(cfg, specs: dict[str, int], trace, result: WindowResult, w
     return flops / max(window, result.wall_s) / 1e9
 
 
-def _verdict(modes: dict) -> dict:
-    """The headline ratios and whether they meet TARGETS."""
+def verdict(modes: dict, baselines: tuple[str, ...] = ("temporal", "spatial")) -> dict:
+    """The headline ratios and whether they meet TARGETS; the best baseline is the best of `baselines`."""
     co_ft = modes["coserving"]["finetune_tokens_per_s"]
-    best = max(modes["temporal"]["finetune_tokens_per_s"], modes["spatial"]["finetune_tokens_per_s"])
+    best = max(modes[name]["finetune_tokens_per_s"] for name in baselines)
     vs_best = _ratio(co_ft, best)
     vs_alone = _ratio(co_ft, modes["finetune_only"]["finetune_tokens_per_s"])
     verdict = {"coserving_vs_best_baseline": vs_best, "best_baseline_finetune_tokens_per_s": best,
                "coserving_vs_finetune_alone": vs_alone}
     if vs_best is None:
-        verdict["coserving_vs_best_baseline_note"] = ("null: no temporal or spatial setting met the SLO, so the "
-                                                      "best baseline's figure is 0")
+        verdict["coserving_vs_best_baseline_note"] = (f"null: no {' or '.join(baselines)} setting met the SLO, "
+                                                      "so the best baseline's figure is 0")
     meets_slo = modes["coserving"]["slo_attainment"] >= TARGETS["coserving_slo_attainment"]
     # NOTE: a baseline's figure counts only under the SLO; co-serving's comparison is held to the same rule.
     beats_best = co_ft > 0 if vs_best is None else vs_best >= TARGETS["coserving_vs_best_baseline"]
@@ -412,23 +444,23 @@ def run_coserving_benchmark(quick: bool, device: str = "auto") -> dict:
                            str(profile_path))
         burst, rate, trace, alone = _inference_alone(ctx, setting, cfg.vocab_size)
         slo = slo_from_baseline(alone.timings)
-        window = max(setting.trace_s + 1.0, max(slo.latest_finish(r) for r in trace))
+        window = window_for(setting, slo, trace)
         progress(f"SLO: TTFT {slo.ttft_s * 1e3:.0f} ms, TPOT {slo.tpot_s * 1e3:.0f} ms; window {window:.1f} s")
         modes, coserve = _sharing_modes(ctx, setting, trace, window, slo)
         modes["inference_only"] = figures(alone, slo, window)
         profile = json.loads(profile_path.read_text()) if profile_path.is_file() else None
     gemm_end = gemm_gflops(dev, size=1024, repeats=10)
-    achieved = _coserving_gflops(cfg, specs, trace, coserve, window)
+    achieved = coserving_gflops(cfg, specs, trace, coserve, window)
     return {
         "benchmark": "coserving", "model": "bench-small", "quick": quick,
         "machine": {**machine_info(dev), "load_average_at_start": load_at_start},
         "modes": modes,
-        **_verdict(modes),
+        **verdict(modes),
         "mfu_vs_gemm_peak": round(achieved / gemm, 3), "coserving_model_gflops": round(achieved, 1),
         "gemm_gflops": round(gemm, 1), "gemm_gflops_at_end": round(gemm_end, 1), "flop_formula": FLOP_FORMULA,
         "slo": {"ttft_ms": round(slo.ttft_s * 1e3, 1), "tpot_ms": round(slo.tpot_s * 1e3, 1),
                 "rule": "TTFT <= 4 x and TPOT <= 2 x the p50 of inference alone on this trace; unfinished = miss",
-                "coserving_tpot_slo_ms": round(setting.tpot_safety * slo.tpot_s * 1e3, 1)},
+                "coserving_tpot_slo_ms": round(coserving_tpot_slo_ms(setting, slo), 1)},
         "max_throughput": {**burst, "counts": "prompt + output tokens, all requests sent at once"},
         "rate_requests_per_s": round(rate, 3),
         "trace": {"num_requests": len(trace), "duration_s": setting.trace_s, "window_s": round(window, 2),

@@ -81,11 +81,12 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 class Controller:
     def __init__(self, name: str, model: str, specs: list[WorkerSpec], engine_kwargs: dict, directory: str,
-                 retry_timeout_s: float = 120.0) -> None:
+                 retry_timeout_s: float = 120.0, role_engine_kwargs: dict[str, dict] | None = None) -> None:
         self.name = name
         self.model = model
         self.specs = list(specs)
         self.engine_kwargs = dict(engine_kwargs)
+        self.role_engine_kwargs = dict(role_engine_kwargs or {})
         self.directory = Path(directory)
         self.retry_timeout_s = retry_timeout_s
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -136,7 +137,8 @@ class Controller:
             try:
                 return RemoteWorker.options(name=actor_name, namespace=NAMESPACE, lifetime="detached",
                                             **spec.actor_options()).remote(
-                    spec.name, self.model, spec.role, spec.num_threads, self.engine_kwargs)
+                    spec.name, self.model, spec.role, spec.num_threads,
+                    {**self.engine_kwargs, **self.role_engine_kwargs.get(spec.role, {})})
             except ValueError:
                 # The name of a worker that just died is released shortly after its death.
                 if time.monotonic() > deadline:

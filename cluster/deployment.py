@@ -59,21 +59,30 @@ class Deployment:
     def start(cls, model: str, num_workers: int = 1, name: str = "coserve", ray_address: str | None = None, *,
               mode: str = "coserve", use_gpu: bool | None = None, gpus_per_worker: float = 1.0,
               cpus_per_worker: float = 1.0, directory: str | os.PathLike | None = None,
-              retry_timeout_s: float = 120.0, **engine_kwargs) -> "Deployment":
+              retry_timeout_s: float = 120.0, role_engine_kwargs: dict[str, dict] | None = None,
+              **engine_kwargs) -> "Deployment":
         """Start a controller and its workers; bad input raises and leaves nothing running.
 
         Args:
             model: model directory or .gguf file, readable by every worker.
             num_workers: device shares (co-serving workers; in spatial mode each share holds two).
-            ray_address: None = the Ray instance this process already joined, else a new local one;
+            ray_address: None = the Ray instance this process already joined, else a new local one
+                (never one found through RAY_ADDRESS);
                 "auto" or "host:port" = an existing cluster.
             mode: "coserve" or "spatial" (an inference-only and a finetuning-only worker per share).
             use_gpu: None = when the cluster has GPUs. gpus_per_worker may be a fraction (shared GPU).
             cpus_per_worker: CPUs per share on CPU clusters; also each worker's torch thread count.
             directory: where the job table, adapter registry and default job outputs live
                 (default ~/.cache/coserve/deployments/<name>; must be shared by all nodes).
+            role_engine_kwargs: per role ("coserve", "inference", "finetune"), EngineConfig fields that
+                override engine_kwargs for those workers (e.g. a larger token budget for finetuning-only ones).
             engine_kwargs: EngineConfig fields for every worker's engine (dtype, max_loras, tpot_slo_ms, ...).
         """
+        role_engine_kwargs = dict(role_engine_kwargs or {})
+        for role, overrides in role_engine_kwargs.items():
+            if role not in ("coserve", "inference", "finetune"):
+                raise ValueError(f"role_engine_kwargs: unknown role {role!r}; roles are coserve, inference, finetune")
+            EngineConfig(model=model, **{**engine_kwargs, **overrides})
         EngineConfig(model=model, **engine_kwargs)   # unknown or bad engine settings fail here, before Ray
         if not os.path.exists(model):
             raise FileNotFoundError(f"model {model!r} does not exist (a model directory or a .gguf file)")
@@ -89,7 +98,7 @@ class Deployment:
                 name=controller_name(name), namespace=NAMESPACE, lifetime="detached", num_cpus=0,
                 max_restarts=-1, max_concurrency=CONTROLLER_MAX_CONCURRENCY,
             ).remote(name, os.path.abspath(model), specs, engine_kwargs, str(directory.resolve()),
-                     retry_timeout_s)
+                     retry_timeout_s, role_engine_kwargs)
             try:
                 ray.get(controller.start.remote())
             except Exception as exc:
@@ -232,7 +241,7 @@ class Deployment:
             try:
                 return ray.get(getattr(self._controller, method).remote(*args))
             except RayActorError:
-                if method not in _RETRYABLE or time.monotonic() > deadline:
+                if self._closed or method not in _RETRYABLE or time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
             except ray.exceptions.RayTaskError as exc:

@@ -17,7 +17,8 @@ def connect_ray(address: str | None, allow_existing: bool = True) -> bool:
     if ray.is_initialized():
         return False
     if address is None:
-        ray.init(include_dashboard=False, logging_level="WARNING")
+        # "local": a new instance, never one that RAY_ADDRESS or a running head would make ray.init join.
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING")
         return True
     if address != "auto" and not address.startswith("ray://"):
         _check_answers(address)
