@@ -34,6 +34,7 @@ from cluster.actors import RemoteWorker
 from cluster.adapter_registry import AdapterRegistry
 from cluster.errors import WorkerLostError
 from cluster.job_store import JobRecord, JobStore
+from cluster.names import NAMESPACE, worker_actor_name
 from cluster.placement import WorkerSpec
 from cluster.routing import NoWorkerError, Router, WorkerLoad
 from coserve.config import FinetuneConfig
@@ -41,19 +42,10 @@ from coserve.finetune.checkpoint import latest_checkpoint
 
 logger = logging.getLogger(__name__)
 
-NAMESPACE = "coserve"
 TERMINAL = ("succeeded", "failed", "cancelled")
 MONITOR_INTERVAL_S = 0.5
 LOAD_TIMEOUT_S = 30.0
 WORKER_START_TIMEOUT_S = 600.0
-
-
-def controller_name(deployment: str) -> str:
-    return f"{deployment}:controller"
-
-
-def worker_actor_name(deployment: str, worker: str) -> str:
-    return f"{deployment}:{worker}"
 
 
 @dataclasses.dataclass

@@ -23,9 +23,9 @@ from typing import Iterator, Sequence
 import ray
 from ray.exceptions import RayActorError
 
-from cluster.controller import NAMESPACE, Controller, controller_name
 from cluster.errors import DeploymentNotFoundError
 from cluster.job_handle import ClusterJob
+from cluster.names import NAMESPACE, controller_name
 from cluster.placement import plan_workers
 from cluster.ray_connect import connect_ray
 from coserve.config import EngineConfig, FinetuneConfig
@@ -94,6 +94,8 @@ class Deployment:
             specs = plan_workers(num_workers, mode, ray.cluster_resources(), use_gpu=use_gpu,
                                  gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker)
             directory = Path(directory) if directory is not None else default_directory(name)
+            from cluster.controller import Controller   # torch and the engine load only where needed
+
             controller = ray.remote(Controller).options(
                 name=controller_name(name), namespace=NAMESPACE, lifetime="detached", num_cpus=0,
                 max_restarts=-1, max_concurrency=CONTROLLER_MAX_CONCURRENCY,
@@ -101,8 +103,10 @@ class Deployment:
                      retry_timeout_s, role_engine_kwargs)
             try:
                 ray.get(controller.start.remote())
-            except Exception as exc:
-                ray.kill(controller, no_restart=True)
+            except BaseException as exc:   # Ctrl-C included: nothing may be left running
+                _kill_deployment(name, controller)
+                if not isinstance(exc, Exception):
+                    raise
                 raise RuntimeError(f"deployment {name!r} failed to start: {getattr(exc, 'cause', None) or exc}") \
                     from None
         except BaseException:
@@ -246,6 +250,22 @@ class Deployment:
                 time.sleep(0.5)
             except ray.exceptions.RayTaskError as exc:
                 raise (exc.cause if exc.cause is not None else exc) from None
+
+
+def _kill_deployment(name: str, controller) -> None:
+    """Kill the controller and every worker actor of `name` (after a failed or interrupted start)."""
+    from ray.util import list_named_actors
+
+    try:
+        ray.kill(controller, no_restart=True)
+    except Exception:
+        pass
+    for actor in list_named_actors(all_namespaces=True):
+        if actor.get("namespace") == NAMESPACE and actor["name"].startswith(f"{name}:"):
+            try:
+                ray.kill(ray.get_actor(actor["name"], namespace=NAMESPACE), no_restart=True)
+            except Exception:
+                pass
 
 
 def _find_controller(name: str):

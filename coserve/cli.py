@@ -1,10 +1,13 @@
-"""The `coserve` command line: `coserve demo` and `coserve bench inference|finetune|coserving`."""
+"""The `coserve` command line: `coserve demo`, `coserve bench inference|finetune|coserving`, and the
+Ray cluster commands `coserve serve` / `coserve finetune` (in `coserve.cli_cluster`)."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
 import sys
+
+from coserve.cli_cluster import add_cluster_commands
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -15,6 +18,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.cluster and args.what != "coserving":
+        raise SystemExit(f"--cluster applies to `coserve bench coserving` only, not {args.what!r}")
     _make_benchmarks_importable()
     if args.what == "inference":
         from benchmarks.inference import run_inference_benchmark
@@ -24,6 +29,10 @@ def _bench(args: argparse.Namespace) -> int:
         from benchmarks.finetune import run_finetune_benchmark
 
         result = run_finetune_benchmark(quick=args.quick, device=args.device)
+    elif args.what == "coserving" and args.cluster:
+        from benchmarks.coserving_cluster import run_cluster_coserving_benchmark
+
+        result = run_cluster_coserving_benchmark(quick=args.quick, device=args.device)
     elif args.what == "coserving":
         from benchmarks.coserving import run_coserving_benchmark
 
@@ -58,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="a smaller run (at most about 3 minutes)")
     bench.add_argument("--device", default="auto")
     bench.add_argument("--skip-real", action="store_true", help="skip the SmolLM2 part (key `real`)")
+    bench.add_argument("--cluster", action="store_true",
+                       help="coserving only: run every mode through cluster.Deployment on a local Ray")
     bench.set_defaults(func=_bench)
+
+    add_cluster_commands(sub)
     return parser
 
 

@@ -124,8 +124,9 @@ class EngineConfig:
         _check(isinstance(self.device, str) and (self.device in ("auto", "cpu") or self.device.startswith("cuda")),
                f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         _check(_is_positive_int(self.max_lora_rank), f"max_lora_rank must be a positive integer, got {self.max_lora_rank!r}")
+        _check(_is_positive_int(self.max_loras), f"max_loras must be a positive integer, got {self.max_loras!r}")
         if self.max_cpu_loras is None:
-            self.max_cpu_loras = 4 * self.max_loras if _is_positive_int(self.max_loras) else 0
+            self.max_cpu_loras = 4 * self.max_loras
         _check(_is_positive_int(self.max_cpu_loras), f"max_cpu_loras must be a positive integer, got {self.max_cpu_loras!r}")
         _check(isinstance(self.kv_cache_memory_gb, (int, float)) and self.kv_cache_memory_gb > 0,
                f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}")
