@@ -24,12 +24,12 @@ class WorkerActor(EngineWorker):
             engine_kwargs["device"] = "cuda"
             label = f"cuda (Ray GPU {','.join(str(g) for g in gpu_ids)})"
         else:
-            torch.set_num_threads(num_threads)
             if engine_kwargs.get("device", "auto") == "auto":
                 engine_kwargs["device"] = "cpu"
             label = f"{engine_kwargs['device']} ({num_threads} threads"
             label += f", Ray GPU {','.join(str(g) for g in gpu_ids)})" if gpu_ids else ")"
-        super().__init__(name, model, role=role, device_label=label, **engine_kwargs)
+        super().__init__(name, model, role=role, device_label=label,
+                         num_threads=None if engine_kwargs["device"] == "cuda" else num_threads, **engine_kwargs)
 
 
 RemoteWorker = ray.remote(max_concurrency=WORKER_MAX_CONCURRENCY)(WorkerActor)

@@ -155,7 +155,7 @@ class Deployment:
     def generate_stream(self, prompt: str | None = None, sampling_params: SamplingParams | None = None,
                         adapter: str | None = None, prompt_token_ids: Sequence[int] | None = None
                         ) -> Iterator[StreamChunk]:
-        """One request, streamed as `LLM.stream` does. A worker lost before the first chunk is
+        """One request, streamed as `LLM.generate_stream` does. A worker lost before the first chunk is
         replaced by another; after it, the stream fails with WorkerLostError."""
         if (prompt is None) == (prompt_token_ids is None):
             raise ValueError("give exactly one of prompt or prompt_token_ids")

@@ -29,13 +29,18 @@ class LLM:
         outs = llm.generate(["a", "b"], SamplingParams(max_tokens=32, temperature=0), adapter=["sql", None])
     """
 
-    def __init__(self, model: str, *, caller_drives: bool = True, **kwargs) -> None:
-        """kwargs: EngineConfig's fields. caller_drives=False steps the engine only on its own
-        thread (for callers on a pool of threads, e.g. a Ray actor), see `EngineLoop`."""
+    def __init__(self, model: str, *, caller_drives: bool = True, start_driver: bool = True, **kwargs) -> None:
+        """kwargs: EngineConfig's fields. caller_drives=False steps the engine only on the loop's
+        driver thread (for callers on a pool of threads, e.g. a Ray actor); start_driver=False leaves
+        that thread to the owner, who calls `run_driver()` on it (see `EngineLoop`)."""
         self.config = EngineConfig(model=model, **kwargs)
         self.engine = Engine(self.config)
         self.tokenizer = self.engine.tokenizer
-        self._loop = EngineLoop(self.engine, caller_drives=caller_drives)
+        self._loop = EngineLoop(self.engine, caller_drives=caller_drives, start_driver=start_driver)
+
+    def run_driver(self) -> None:
+        """Step the engine on this thread until shutdown (only with start_driver=False)."""
+        self._loop.run_driver()
 
     # ---- generation ----------------------------------------------------------------------
 
@@ -67,7 +72,7 @@ class LLM:
         futures = self._loop.call(add_all)
         return [RequestOutput.from_request(self._loop.wait(f), text) for f, text in zip(futures, texts)]
 
-    def stream(self, prompt: str | None = None, sampling_params: SamplingParams | None = None,
+    def generate_stream(self, prompt: str | None = None, sampling_params: SamplingParams | None = None,
                adapter: str | None = None, prompt_token_ids: Sequence[int] | None = None) -> Iterator[StreamChunk]:
         """Generate for one prompt, yielding new tokens as iterations produce them.
 

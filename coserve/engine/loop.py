@@ -34,7 +34,9 @@ _POLL_SECONDS = 0.002
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine, caller_drives: bool = True) -> None:
+    def __init__(self, engine: Engine, caller_drives: bool = True, start_driver: bool = True) -> None:
+        """start_driver=False: no driver thread is started; the owner calls `run_driver()` on the
+        thread it wants every step on (the one that built the engine)."""
         self.engine = engine
         self.caller_drives = caller_drives
         self._commands: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
@@ -43,8 +45,10 @@ class EngineLoop:
         self._state = threading.Condition()      # guards _num_waiters, wakes the background driver
         self._num_waiters = 0
         self._stopped = False
-        self._thread = threading.Thread(target=self._background, name="coserve-engine", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if start_driver:
+            self._thread = threading.Thread(target=self._background, name="coserve-engine", daemon=True)
+            self._thread.start()
 
     # ---- public ----------------------------------------------------------------------------
 
@@ -108,7 +112,8 @@ class EngineLoop:
         with self._state:
             self._stopped = True
             self._state.notify_all()
-        self._thread.join(timeout=30)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
         with self._driver:
             while not self._commands.empty():
                 _, future = self._commands.get_nowait()
@@ -149,6 +154,10 @@ class EngineLoop:
                 if future is not None:
                     future.set_result(request)
         return did_work
+
+    def run_driver(self) -> None:
+        """Drive the engine on the calling thread until `shutdown` (with start_driver=False)."""
+        self._background()
 
     def _background(self) -> None:
         while True:

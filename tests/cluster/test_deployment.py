@@ -125,7 +125,7 @@ def test_finetune_job_finishes_on_the_named_worker_and_serves(dep, tmp_path):
 
 
 def test_killed_worker_job_resumes_from_checkpoint_with_the_same_weights(dep, tiny_llama_dir, tmp_path):
-    steps = 12
+    steps = 40   # long enough that the kill lands mid-job (job records refresh every 0.5 s)
     settings = dict(max_steps=steps, save_steps=2, shuffle=True)
     with LLM(model=str(tiny_llama_dir), **ENGINE) as llm:
         reference = llm.finetune(job_config("ref", output_dir=str(tmp_path / "ref"), **settings))
