@@ -77,8 +77,9 @@ def add_cluster_commands(sub) -> None:
 def _add_address_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ray-address", default=None,
                         help="'auto', HOST:PORT (the cluster's GCS) or ray://HOST:PORT; default: $RAY_ADDRESS "
-                             "(set by Ray inside `ray job submit`), else the cluster `ray start` made on this "
-                             "machine" + (", else a new local Ray" if parser.prog.endswith("serve") else ""))
+                             "(set by Ray inside `ray job submit`), else "
+                             + ("a new local Ray (give 'auto' to join a `ray start` cluster)"
+                                if parser.prog.endswith("serve") else "the cluster `ray start` made on this machine"))
 
 
 # ---- coserve serve ---------------------------------------------------------------------------------

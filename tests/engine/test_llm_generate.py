@@ -192,13 +192,13 @@ def test_concurrent_generate_from_threads_matches_sequential(llm):
 
 def test_stream_yields_the_generated_tokens_and_aborts_when_closed(llm):
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-    chunks = list(llm.stream(prompt_token_ids=[5, 6, 7, 8], sampling_params=params, adapter="qv-r4"))
+    chunks = list(llm.generate_stream(prompt_token_ids=[5, 6, 7, 8], sampling_params=params, adapter="qv-r4"))
     expected = llm.generate(prompt_token_ids=[[5, 6, 7, 8]], sampling_params=params, adapter="qv-r4")[0]
     assert chunks[-1].finished and chunks[-1].output.finish_reason == "length"
     assert [t for c in chunks for t in c.token_ids] == expected.token_ids
     with pytest.raises(ValueError, match="empty"):
-        next(llm.stream(prompt_token_ids=[], sampling_params=params))
-    stream = llm.stream(prompt_token_ids=[5, 6], sampling_params=SamplingParams(max_tokens=400, ignore_eos=True))
+        next(llm.generate_stream(prompt_token_ids=[], sampling_params=params))
+    stream = llm.generate_stream(prompt_token_ids=[5, 6], sampling_params=SamplingParams(max_tokens=400, ignore_eos=True))
     next(stream)
     stream.close()
     assert not llm.engine.has_unfinished_requests()
