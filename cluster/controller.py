@@ -14,6 +14,9 @@ deployment's directory, so a new incarnation picks up where the old one was.
   a named one). A monitor thread polls every worker's load and every job's
   progress; when a worker dies it is replaced under the same name and its jobs
   resume from their latest checkpoint (or from the start if there is none).
+- A driver (the Trainer) can run a job step by step (`wait_job_step`,
+  `continue_job`, `stop_job`, `checkpoint_job`, asked of the job's worker
+  directly) and evaluate or save an adapter on a worker holding it.
 """
 from __future__ import annotations
 
@@ -86,6 +89,7 @@ class Controller:
         self.registry = AdapterRegistry(self.directory / "adapters.json")
         self.router = Router()
         self.workers: dict[str, WorkerState] = {}
+        self._pause_at: dict[str, int | None] = {}   # job id -> the step its driver lets it run to
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -373,7 +377,7 @@ class Controller:
 
     # ---- finetuning ----------------------------------------------------------------------------
 
-    def submit_job(self, config: FinetuneConfig, worker: str | None = None) -> str:
+    def submit_job(self, config: FinetuneConfig, worker: str | None = None, pause_at_step: int | None = None) -> str:
         if not isinstance(config, FinetuneConfig):
             raise TypeError(f"expected a FinetuneConfig, got {type(config).__name__}")
         self._check_adapter_free(config.adapter)
@@ -385,11 +389,13 @@ class Controller:
         self.store.add(JobRecord(job_id=job_id, adapter=config.adapter, config=pickle.dumps(config),
                                  status="queued", worker=target, output_dir=config.output_dir))
         try:
-            engine_job_id = ray.get(self.workers[target].handle.start_finetune.remote(config))
+            engine_job_id = ray.get(self.workers[target].handle.start_finetune.remote(config, pause_at_step))
         except (RayTaskError, RayActorError) as exc:
             error = _unwrap(exc)
             self.store.update(job_id, status="failed", error=f"{type(error).__name__}: {error}")
             raise error from None
+        # NOTE: in memory only: a job resumed after its worker died keeps pausing where its driver wants.
+        self._pause_at[job_id] = pause_at_step
         self.store.update(job_id, status="running", engine_job_id=engine_job_id, attempts=1)
         with self._lock:
             self.workers[target].running_jobs += 1
@@ -428,6 +434,91 @@ class Controller:
             self.store.update(job_id, status="cancelled")
         return True
 
+    # ---- jobs driven step by step (the Trainer) --------------------------------------------------
+
+    def wait_job_step(self, job_id: str, step: int, timeout_s: float) -> dict:
+        """The job's live progress once it has done `step` steps or ended, or after `timeout_s`.
+
+        Asks the job's worker directly (the job table lags by a monitor round). While the worker is
+        lost or replaced, returns the table's record after a short wait, marked live=False.
+        """
+        record = self._record(job_id)
+        worker = self.workers.get(record.worker)
+        if worker is not None and worker.healthy and record.engine_job_id is not None:
+            try:
+                progress = ray.get(worker.handle.wait_job_step.remote(record.engine_job_id, step, timeout_s),
+                                   timeout=timeout_s + LOAD_TIMEOUT_S)
+                return {**progress, "job_id": job_id, "engine_job_id": progress["job_id"],
+                        "worker": record.worker, "live": True}
+            except (RayActorError, RayTaskError, GetTimeoutError):
+                pass
+        time.sleep(min(timeout_s, MONITOR_INTERVAL_S))
+        return {**_record_dict(self._record(job_id)), "live": False}
+
+    def continue_job(self, job_id: str, pause_at_step: int | None) -> bool:
+        self._pause_at[job_id] = pause_at_step
+        return self._call_job_worker(job_id, "continue_job", pause_at_step)
+
+    def stop_job(self, job_id: str) -> bool:
+        """End the job after its current step, saved as if finished (status "succeeded")."""
+        return self._call_job_worker(job_id, "stop_job")
+
+    def checkpoint_job(self, job_id: str) -> str:
+        return self._call_job_worker(job_id, "checkpoint_job")
+
+    def _call_job_worker(self, job_id: str, method: str, *args):
+        record = self._record(job_id)
+        if record.status in TERMINAL and method != "checkpoint_job":
+            return False
+        worker = self.workers.get(record.worker)
+        if worker is None or not worker.healthy or record.engine_job_id is None:
+            raise WorkerLostError(f"job {job_id}'s worker {record.worker} is not available now; try again")
+        try:
+            return ray.get(getattr(worker.handle, method).remote(record.engine_job_id, *args))
+        except RayTaskError as exc:
+            raise _unwrap(exc) from None
+
+    def _record(self, job_id: str) -> JobRecord:
+        record = self.store.get(job_id)
+        if record is None:
+            raise KeyError(f"no finetuning job {job_id!r} in deployment {self.name!r}")
+        return record
+
+    # ---- evaluation and saving -----------------------------------------------------------------
+
+    def evaluate(self, rows: list, adapter: str | None, max_seq_len: int, packing: bool) -> dict:
+        """Forward-only mean token loss on a worker that holds `adapter` (any worker for the base model)."""
+        name, handle = self._worker_with(adapter)
+        try:
+            return {**ray.get(handle.evaluate.remote(rows, adapter, max_seq_len, packing)), "worker": name}
+        except RayTaskError as exc:
+            raise _unwrap(exc) from None
+
+    def save_adapter(self, adapter: str, path: str) -> None:
+        _, handle = self._worker_with(adapter)
+        try:
+            ray.get(handle.save_adapter.remote(adapter, path))
+        except RayTaskError as exc:
+            raise _unwrap(exc) from None
+
+    def _worker_with(self, adapter: str | None):
+        """A healthy worker holding `adapter` (a job's worker holds its adapter while it trains), else one
+        that loads it from the registry now; for None, the least loaded."""
+        with self._lock:
+            healthy = [w for w in self.workers.values() if w.healthy and w.handle is not None]
+            holders = [w for w in healthy if adapter is None or adapter in w.adapters]
+        if not healthy:
+            raise NoWorkerError("no healthy worker")
+        if holders:
+            worker = min(holders, key=lambda w: w.queued_tokens)
+            return worker.spec.name, worker.handle
+        path = self.registry.get(adapter)
+        if path is None:
+            raise KeyError(f"unknown adapter {adapter!r} in deployment {self.name!r}")
+        worker = min(healthy, key=lambda w: w.queued_tokens)
+        self._dispatch_adapters(worker.spec.name, worker.handle, [adapter])
+        return worker.spec.name, worker.handle
+
     def _resume_job(self, record: JobRecord) -> None:
         """Start a job again on its (replaced) worker, or elsewhere, from its latest checkpoint."""
         config: FinetuneConfig = pickle.loads(record.config)
@@ -438,7 +529,8 @@ class Controller:
         preferred = record.worker if any(w.name == record.worker and w.healthy for w in loads) else None
         try:
             target = self.router.choose_finetune_worker(loads, preferred)
-            engine_job_id = ray.get(self.workers[target].handle.start_finetune.remote(config))
+            engine_job_id = ray.get(self.workers[target].handle.start_finetune.remote(
+                config, self._pause_at.get(record.job_id)))
         except NoWorkerError:
             return   # tried again on the next round, once a worker is back
         except (RayTaskError, RayActorError) as exc:

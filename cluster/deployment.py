@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 CONTROLLER_MAX_CONCURRENCY = 512
 CONTROLLER_RESTART_WAIT_S = 60.0
 # Calls that read or that can run twice without harm; others are not retried across a controller restart.
-_RETRYABLE = {"job", "jobs", "stats", "workers_info", "list_adapters", "generate", "ping"}
+_RETRYABLE = {"job", "jobs", "stats", "workers_info", "list_adapters", "generate", "ping", "wait_job_step",
+              "evaluate"}
 
 
 def default_directory(name: str) -> Path:
@@ -172,10 +173,12 @@ class Deployment:
 
     # ---- finetuning ----------------------------------------------------------------------------
 
-    def finetune(self, config: FinetuneConfig, worker: str | None = None) -> ClusterJob:
+    def finetune(self, config: FinetuneConfig, worker: str | None = None, *,
+                 pause_at_step: int | None = None) -> ClusterJob:
         """Start a finetuning job on the worker with the most headroom (or `worker`); returns at once.
 
         A dataset given as a file path is read here, so workers on other machines need not see the file.
+        pause_at_step: the job pauses after that many steps until `continue_job` (as `LLM.finetune`).
         """
         if not isinstance(config, FinetuneConfig):
             raise TypeError(f"expected a FinetuneConfig, got {type(config).__name__}")
@@ -183,7 +186,33 @@ class Deployment:
             config = dataclasses.replace(config, dataset=load_rows(config.dataset))
         if config.output_dir is not None:
             config = dataclasses.replace(config, output_dir=os.path.abspath(config.output_dir))
-        return ClusterJob(self, self._call("submit_job", config, worker))
+        return ClusterJob(self, self._call("submit_job", config, worker, pause_at_step))
+
+    def wait_job_step(self, job_id: str, step: int, timeout_s: float = 5.0) -> dict:
+        """The job's live progress (as `FinetuneJobHandle.progress()`) once it has done `step` steps or
+        ended, or after about `timeout_s`; live=False while its worker is being replaced."""
+        return self._call("wait_job_step", job_id, step, timeout_s)
+
+    def continue_job(self, job_id: str, pause_at_step: int | None) -> bool:
+        """Let a paused job run until it has done `pause_at_step` steps (None: to the end)."""
+        return self._call("continue_job", job_id, pause_at_step)
+
+    def stop_job(self, job_id: str) -> bool:
+        """End a job after its current step, saved as if finished (unlike cancel); False if it had ended."""
+        return self._call("stop_job", job_id)
+
+    def checkpoint_job(self, job_id: str) -> str:
+        """Write the job's output_dir/checkpoint-<step>/ now; returns its path."""
+        return self._call("checkpoint_job", job_id)
+
+    def evaluate(self, dataset, adapter: str | None = None, *, max_seq_len: int = 256,
+                 packing: bool = False) -> dict:
+        """Forward-only mean token loss of `adapter` on `dataset` (`LLM.evaluate`), on a worker holding it."""
+        return self._call("evaluate", load_rows(dataset), adapter, max_seq_len, packing)
+
+    def save_adapter(self, name: str, path: str) -> None:
+        """Write adapter `name` (current weights, also while it trains) to `path` (seen by its worker)."""
+        self._call("save_adapter", name, os.path.abspath(path))
 
     def job(self, job_id: str) -> ClusterJob:
         self._call("job", job_id)   # raises KeyError for an unknown id

@@ -100,13 +100,22 @@ class EngineWorker:
     def list_adapters(self) -> list[str]:
         return self.llm.list_adapters()
 
+    def save_adapter(self, name: str, path: str) -> None:
+        self.llm.save_adapter(name, path)
+
+    def evaluate(self, rows: list, adapter: str | None, max_seq_len: int, packing: bool) -> dict:
+        """Forward-only mean token loss of `adapter` on `rows` (`LLM.evaluate`); any role may run it."""
+        return self.llm.evaluate(rows, adapter, max_seq_len=max_seq_len, packing=packing)
+
     # ---- finetuning ---------------------------------------------------------------------------
 
-    def start_finetune(self, config: FinetuneConfig) -> str:
-        """Start a job; bad input raises here and starts nothing. Returns the engine's job id."""
+    def start_finetune(self, config: FinetuneConfig, pause_at_step: int | None = None) -> str:
+        """Start a job; bad input raises here and starts nothing. Returns the engine's job id.
+
+        pause_at_step: the job pauses after that many steps until `continue_job` (see `LLM.finetune`)."""
         if self.role == "inference":
             raise RuntimeError(f"worker {self.name} is inference-only and runs no finetuning")
-        handle = self.llm.finetune(config)
+        handle = self.llm.finetune(config, pause_at_step=pause_at_step)
         self._jobs[handle.job_id] = handle
         return handle.job_id
 
@@ -120,6 +129,20 @@ class EngineWorker:
 
     def cancel_job(self, job_id: str) -> bool:
         return self._job(job_id).cancel()
+
+    def wait_job_step(self, job_id: str, step: int, timeout: float | None = None) -> dict:
+        """The job's progress once it has done `step` steps or ended (or after `timeout` seconds)."""
+        return self._job(job_id).wait_step(step, timeout)
+
+    def continue_job(self, job_id: str, pause_at_step: int | None) -> bool:
+        return self._job(job_id).continue_to(pause_at_step)
+
+    def stop_job(self, job_id: str) -> bool:
+        """End the job gracefully after its current step, saved as if finished."""
+        return self._job(job_id).stop()
+
+    def checkpoint_job(self, job_id: str) -> str:
+        return self._job(job_id).save_checkpoint()
 
     def _job(self, job_id: str) -> FinetuneJobHandle:
         try:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from importlib import import_module
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "EngineConfig", "FinetuneConfig"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "EngineConfig", "FinetuneConfig", "Trainer",
+           "TrainingArguments", "TrainerCallback"]
 
 _EXPORTS = {
     "LLM": "coserve.llm",
@@ -15,6 +16,9 @@ _EXPORTS = {
     "RequestOutput": "coserve.outputs",
     "EngineConfig": "coserve.config",
     "FinetuneConfig": "coserve.config",
+    "Trainer": "coserve.train",
+    "TrainingArguments": "coserve.train",
+    "TrainerCallback": "coserve.train",
 }
 
 

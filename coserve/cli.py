@@ -13,7 +13,11 @@ from coserve.cli_cluster import add_cluster_commands
 def _demo(args: argparse.Namespace) -> int:
     from coserve.demo import run_demo
 
-    run_demo(max_tokens=args.max_tokens, device=args.device)
+    if args.offline:
+        run_demo(offline=True, max_tokens=args.max_tokens, device=args.device)
+    else:
+        run_demo(duration=args.duration, host=args.host, port=args.port, device=args.device,
+                 max_tokens=args.max_tokens)
     return 0
 
 
@@ -57,9 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="WARNING")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="batched multi-adapter generation on SmolLM2-135M-Instruct")
+    demo = sub.add_parser("demo", help="the server on SmolLM2-135M-Instruct: chat traffic through the OpenAI "
+                                       "API while an adapter is fine-tuned on made-up product facts")
+    demo.add_argument("--duration", type=float, default=None,
+                      help="seconds to keep serving after the summary (default: until Ctrl-C; 0 = stop at once)")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8000, help="a free port is used if this one is taken")
     demo.add_argument("--max-tokens", type=int, default=48)
     demo.add_argument("--device", default="auto")
+    demo.add_argument("--offline", action="store_true",
+                      help="the Python API alone: batched multi-adapter generation and a co-served job, no server")
     demo.set_defaults(func=_demo)
 
     bench = sub.add_parser("bench", help="run a benchmark and print one JSON object")

@@ -1,7 +1,9 @@
 """`coserve serve` and `coserve finetune`: a `cluster.Deployment` driven from the command line.
 
-`serve` starts a deployment, prints one ready line and blocks until SIGINT or
-SIGTERM (what `ray job stop` sends), then shuts it down. `finetune` submits a
+`serve` starts a deployment (or, with `--local`, one in-process engine without
+Ray), puts the OpenAI-compatible HTTP server (coserve.api) in front of it,
+prints one ready line with the API's URL and blocks until SIGINT or SIGTERM
+(what `ray job stop` sends), then stops the HTTP server and shuts down. `finetune` submits a
 YAML job to a running deployment and prints one line per optimizer step until
 the job ends. Both run as Ray job entrypoints (`ray job submit -- coserve ...`),
 where Ray sets RAY_ADDRESS, the default for `--ray-address`.
@@ -16,6 +18,8 @@ import os
 import signal
 import sys
 import time
+
+from coserve.api.settings import API_KEY_ENV
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 POLL_S = 0.5
@@ -57,6 +61,24 @@ def add_cluster_commands(sub) -> None:
                                            "(default ~/.cache/coserve/deployments/NAME)")
     serve.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
                        help="PEFT adapters to load at start")
+    serve.add_argument("--local", action="store_true",
+                       help="serve from one in-process engine (coserve.LLM) instead of a Ray deployment; "
+                            "--workers, --mode, --ray-address and the other Ray options are then ignored")
+    http = serve.add_argument_group("HTTP server (OpenAI-compatible API, /metrics, /health)")
+    http.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    http.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 = a free one)")
+    http.add_argument("--api-key", default=None,
+                      help=f"require 'Authorization: Bearer KEY' on every /v1 route (default: ${API_KEY_ENV})")
+    http.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
+                      help="directory under which adapters may be loaded over HTTP (repeatable); without one, "
+                           "POST /v1/load_lora_adapter is refused")
+    http.add_argument("--served-model-name", default=None, metavar="NAME",
+                      help="the base model's id in the API (default: the model directory's name)")
+    http.add_argument("--max-pending-requests", type=int, default=256,
+                      help="sequences in flight before new requests get 429 (default 256)")
+    http.add_argument("--data-dir", default=None,
+                      help="uploaded files and fine-tuning outputs (default: DIRECTORY/api for a deployment, "
+                           "~/.cache/coserve/local/NAME/api with --local)")
     engine = serve.add_argument_group("engine options (EngineConfig fields, for every worker)")
     for flag, kind, text in _ENGINE_FLAGS:
         engine.add_argument(flag, type=kind, default=None, help=text)
@@ -93,39 +115,129 @@ def _serve(args: argparse.Namespace) -> int:
     engine_kwargs = {k: v for k, v in engine_kwargs.items() if v is not None}
     try:
         adapters = _parse_lora_modules(args.lora_modules)
-        address = _ray_address(args.ray_address)
+        address = None if args.local else _ray_address(args.ray_address)
         # NOTE: Deployment.start checks these too, but only after joining Ray; a typo should not wait for that.
         EngineConfig(model=args.model, **engine_kwargs)
         if not os.path.exists(args.model):
             raise ValueError(f"model {args.model!r} does not exist (a model directory or a .gguf file)")
+        settings = _server_settings(args)
     except ValueError as exc:
         return _fail("serve", exc, EXIT_USAGE)
 
-    from cluster.ray_connect import connect_ray
+    from coserve.api.server import bind_socket
 
+    try:
+        # Bound before anything starts: a busy port fails in a second, not after the engines load.
+        sock = bind_socket(args.host, args.port)
+    except OSError as exc:
+        return _fail("serve", exc, EXIT_USAGE)
     stop = _StopSignals()
     stop.install()
     try:
-        owns_ray = connect_ray(address)
-    except (ConnectionError, ValueError) as exc:
-        return _fail("serve", exc, EXIT_USAGE)
-    except Exception as exc:   # e.g. Ray's AuthenticationError: a message, not a traceback
-        return _fail("serve", f"cannot join Ray at {address or 'a local instance'}: {exc}", EXIT_FAILED)
-    # NOTE: ray.init installs its own SIGTERM handler (sys.exit); ours must win so a stop always shuts down.
-    stop.install()
-    try:
-        return _run_deployment(args, engine_kwargs, adapters, stop)
-    finally:
-        if owns_ray:
-            import ray
+        if args.local:
+            return _run_local(args, engine_kwargs, adapters, stop, settings, sock)
+        from cluster.ray_connect import connect_ray
 
-            ray.shutdown()
+        try:
+            owns_ray = connect_ray(address)
+        except (ConnectionError, ValueError) as exc:
+            return _fail("serve", exc, EXIT_USAGE)
+        except Exception as exc:   # e.g. Ray's AuthenticationError: a message, not a traceback
+            return _fail("serve", f"cannot join Ray at {address or 'a local instance'}: {exc}", EXIT_FAILED)
+        # NOTE: ray.init installs its own SIGTERM handler (sys.exit); ours must win so a stop always shuts down.
+        stop.install()
+        try:
+            return _run_deployment(args, engine_kwargs, adapters, stop, settings, sock)
+        finally:
+            if owns_ray:
+                import ray
+
+                ray.shutdown()
+    finally:
+        sock.close()
+
+
+def _server_settings(args: argparse.Namespace):
+    """The HTTP server's settings from the flags (ValueError for bad ones, before anything starts)."""
+    from coserve.api.settings import ServerSettings
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    for root in args.adapter_root:
+        if not os.path.isdir(root):
+            raise ValueError(f"--adapter-root {root!r} is not a directory")
+    name = args.served_model_name or _model_name(args.model)
+    if args.data_dir is not None:
+        data_dir = args.data_dir
+    elif args.local:
+        data_dir = os.path.join(os.environ.get("COSERVE_CACHE", os.path.join(os.path.expanduser("~"), ".cache",
+                                                                             "coserve")), "local", name, "api")
+    else:
+        from cluster.deployment import default_directory
+
+        data_dir = os.path.join(args.directory or str(default_directory(args.name)), "api")
+    return ServerSettings(model_id=name, api_key=args.api_key, adapter_roots=list(args.adapter_root),
+                          data_dir=data_dir, max_pending_requests=args.max_pending_requests)
+
+
+def _model_name(model: str) -> str:
+    base = os.path.basename(os.path.normpath(os.path.abspath(model)))
+    return base[:-len(".gguf")] if base.endswith(".gguf") else base
+
+
+def _start_http(backend, settings, adapters: dict[str, str], sock):
+    """The OpenAI-compatible server over `backend`, accepting requests when this returns."""
+    from coserve.api.app import create_app
+    from coserve.api.server import HTTPServer
+
+    os.makedirs(settings.data_dir, exist_ok=True)
+    app = create_app(backend, settings)
+    app.state.coserve.adapter_paths.update(adapters)   # /v1/models shows where each came from
+    return HTTPServer(app, sock=sock).start()
+
+
+def _run_local(args: argparse.Namespace, engine_kwargs: dict, adapters: dict[str, str], stop: "_StopSignals",
+               settings, sock) -> int:
+    """--local: one in-process engine, no Ray."""
+    from coserve.api.backend import LocalBackend
+
+    try:
+        backend = LocalBackend.start(args.model, **engine_kwargs)
+    except (ValueError, FileNotFoundError) as exc:
+        return _fail("serve", exc, EXIT_USAGE)
+    except Exception as exc:
+        return _fail("serve", exc, EXIT_FAILED)
+    server = None
+    try:
+        for adapter, path in adapters.items():
+            try:
+                backend.load_adapter(adapter, path)
+            except (ValueError, KeyError, OSError) as exc:
+                return _fail("serve", f"adapter {adapter!r} from {path}: {exc}", EXIT_USAGE)
+        try:
+            server = _start_http(backend, settings, adapters, sock)
+        except Exception as exc:
+            return _fail("serve", f"the HTTP server did not start: {exc}", EXIT_FAILED)
+        if not stop.requested:
+            loaded = f"; adapters: {', '.join(sorted(adapters))}" if adapters else ""
+            _say(f"coserve local engine ready on {backend.llm.engine.device}{loaded}; "
+                 f"model {settings.model_id!r} at {server.url}/v1")
+        while not stop.wait(3600.0):
+            pass
+        _say(f"coserve local engine: {stop.name} received, shutting down")
+        return EXIT_OK
+    finally:
+        if server is not None:
+            server.stop()
+        backend.shutdown()
+        _say("coserve local engine stopped")
 
 
 def _run_deployment(args: argparse.Namespace, engine_kwargs: dict, adapters: dict[str, str],
-                    stop: "_StopSignals") -> int:
+                    stop: "_StopSignals", settings, sock) -> int:
     from cluster import Deployment
     from cluster.errors import PlacementError
+    from coserve.api.backend import ClusterBackend
 
     try:
         # Ray is joined already (ray_address None = that instance); a signal meanwhile only sets `stop`.
@@ -136,6 +248,7 @@ def _run_deployment(args: argparse.Namespace, engine_kwargs: dict, adapters: dic
         return _fail("serve", exc, EXIT_USAGE)
     except Exception as exc:
         return _fail("serve", exc, EXIT_FAILED)
+    server = None
     try:
         for adapter, path in adapters.items():
             if stop.requested:
@@ -144,18 +257,26 @@ def _run_deployment(args: argparse.Namespace, engine_kwargs: dict, adapters: dic
                 dep.load_adapter(adapter, path)
             except (ValueError, KeyError, OSError) as exc:
                 return _fail("serve", f"adapter {adapter!r} from {path}: {exc}", EXIT_USAGE)
-        # NOTE: the HTTP front end (a later issue) starts here, on `dep`, so that the ready line below means
-        # requests are accepted; it must stop before the `dep.shutdown()` in the finally.
         if not stop.requested:
+            # The HTTP front end starts before the ready line, so the line means requests are accepted.
+            try:
+                backend = ClusterBackend(dep, args.model, max_model_len=engine_kwargs.get("max_model_len"))
+                server = _start_http(backend, settings, adapters, sock)
+            except Exception as exc:
+                return _fail("serve", f"the HTTP server did not start: {exc}", EXIT_FAILED)
             workers = dep.workers()
             placed = ", ".join(f"{w['name']} on {w['device']}" for w in workers)
             loaded = f"; adapters: {', '.join(sorted(adapters))}" if adapters else ""
-            _say(f"coserve deployment {args.name!r} ready: {len(workers)} worker(s) [{placed}]{loaded}")
+            _say(f"coserve deployment {args.name!r} ready: {len(workers)} worker(s) [{placed}]{loaded}; "
+                 f"model {settings.model_id!r} at {server.url}/v1")
         while not stop.wait(3600.0):
             pass
         _say(f"coserve deployment {args.name!r}: {stop.name} received, shutting down")
         return EXIT_OK
     finally:
+        # NOTE: the HTTP server stops first, so no request reaches a deployment that is going away.
+        if server is not None:
+            server.stop()
         dep.shutdown()
         _say(f"coserve deployment {args.name!r} stopped")
 

@@ -40,6 +40,9 @@ class SchedulerConfig:
     """Most of the KV blocks finetuning sequences may hold."""
     min_finetune_tokens: int = 16
     """Smallest finetuning chunk or window worth scheduling (unless less work is left)."""
+    finetune_starvation_iterations: int = 32
+    """A finetuning job that got no budget for this many iterations in a row gets one
+    `min_finetune_tokens` piece anyway (so it always finishes; at most one iteration in this many overruns)."""
 
     def __post_init__(self) -> None:
         _check(_is_positive_int(self.max_num_batched_tokens),
@@ -48,6 +51,8 @@ class SchedulerConfig:
                f"max_num_seqs must be a positive integer, got {self.max_num_seqs!r}")
         _check(_is_positive_int(self.max_loras),
                f"max_loras must be a positive integer, got {self.max_loras!r}")
+        _check(_is_positive_int(self.finetune_starvation_iterations),
+               f"finetune_starvation_iterations must be a positive integer, got {self.finetune_starvation_iterations!r}")
         _check(isinstance(self.enable_chunked_prefill, bool),
                f"enable_chunked_prefill must be True or False, got {self.enable_chunked_prefill!r}")
 

@@ -146,16 +146,42 @@ class LLM:
 
     # ---- finetuning -----------------------------------------------------------------------
 
-    def finetune(self, config: FinetuneConfig) -> FinetuneJobHandle:
+    def finetune(self, config: FinetuneConfig, *, pause_at_step: int | None = None) -> FinetuneJobHandle:
         """Start training an adapter in the engine's iterations, next to inference; returns at once.
 
         Bad input (config, dataset rows, adapter name in use, ...) raises here and starts nothing.
         The job runs while any thread waits on the engine (generate, job.wait) or in the background.
+        pause_at_step: pause once that many optimizer steps are done, until `job.continue_to(n)` (for
+        drivers that act between steps, e.g. the Trainer's callbacks); None = run to the end.
         """
         # NOTE: reading and tokenizing the dataset happens on the caller's thread, not between iterations.
         job = self.engine.finetune.prepare(config)
+        job.pause_at_step = pause_at_step
         self._loop.call(lambda: self.engine.finetune.submit(job))
         return FinetuneJobHandle(job, self._loop)
+
+    def evaluate(self, dataset, adapter: str | None = None, *, max_seq_len: int = 256,
+                 packing: bool = False) -> dict:
+        """Mean token loss of `adapter` (None: the base model) on `dataset`, forward only.
+
+        The loss is the finetuning loss (cross-entropy summed over every target token of every
+        example, divided by their count); rows are read and tokenized as FinetuneConfig's dataset
+        with the same max_seq_len and packing. Each batch of about max_num_batched_tokens tokens
+        runs between iterations, so inference and finetuning go on in between.
+
+        Returns:
+            {"eval_loss": float, "num_tokens": target tokens, "num_examples": sequences}.
+        """
+        manager = self.engine.finetune
+        examples = manager.prepare_eval(dataset, max_seq_len, packing)
+        if adapter is not None and adapter not in self.list_adapters():
+            raise ValueError(f"unknown adapter {adapter!r}; loaded adapters: {self.list_adapters()}")
+        loss_sum, num_tokens = 0.0, 0
+        for batch in _token_batches(examples, self.config.max_num_batched_tokens):
+            batch_loss, batch_tokens = self._loop.call(lambda b=batch: manager.eval_batch(adapter, b))
+            loss_sum += batch_loss
+            num_tokens += batch_tokens
+        return {"eval_loss": loss_sum / max(1, num_tokens), "num_tokens": num_tokens, "num_examples": len(examples)}
 
     def finetune_jobs(self) -> list[dict]:
         return self._loop.call(lambda: [j.progress() for j in self.engine.finetune.jobs.values()])
@@ -172,6 +198,7 @@ class LLM:
         return self._loop.call(self.engine.list_adapters)
 
     def save_adapter(self, name: str, path: str) -> None:
+        """Write adapter `name` (its current weights, also mid-training) to `path` in PEFT format."""
         self._loop.call(lambda: self.engine.adapters.save(name, path))
 
     def stats(self) -> dict:
@@ -185,3 +212,18 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def _token_batches(examples: list, max_tokens: int) -> list[list]:
+    """Consecutive examples grouped up to `max_tokens` tokens (an example longer than that goes alone)."""
+    batches, current, size = [], [], 0
+    for example in examples:
+        n = len(example.input_ids)
+        if current and size + n > max_tokens:
+            batches.append(current)
+            current, size = [], 0
+        current.append(example)
+        size += n
+    if current:
+        batches.append(current)
+    return batches

@@ -170,6 +170,18 @@ class AdapterManager:
         """Adapters now in device slots: name -> slot."""
         return dict(self._slot_of)
 
+    def residency(self) -> dict:
+        """Where each registered adapter lives now (read-only; for stats and the dashboard).
+
+        Returns: {"max_loras", "max_cpu_loras", "device": {name: slot}, "cpu": [names in the
+        LRU cache, least recently used first], "pinned": [in-memory adapters, never evicted],
+        "on_disk": [registered from a path but evicted from the CPU cache]}.
+        """
+        cached = set(self._cpu_cache) | set(self._pinned)
+        return {"max_loras": self.max_loras, "max_cpu_loras": self.max_cpu_loras,
+                "device": dict(self._slot_of), "cpu": list(self._cpu_cache), "pinned": list(self._pinned),
+                "on_disk": [name for name in self._entries if name not in cached]}
+
     def activate(self, names: set[str]) -> dict[str, int]:
         """Make every adapter in `names` resident in a device slot; return name -> slot.
 

@@ -15,8 +15,8 @@ import os
 import tempfile
 from dataclasses import dataclass
 
-from coserve.engine.cost_model import CostModel
-from coserve.engine.profiler import profile_latency
+from coserve.engine.cost_model import MAX_SCALE, MIN_SCALE, CostModel
+from coserve.engine.profiler import measure_scale, profile_latency
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +42,16 @@ def configure_budget(engine) -> Budget:
         budget = Budget(CostModel.token_units(), float(config.max_num_batched_tokens), None, None)
     else:
         profile = _load_profile(config.latency_profile)
+        loaded = profile is not None
         if profile is None:
             profile = profile_latency(engine)
             if config.latency_profile:
                 _save_profile(config.latency_profile, profile)
-        budget = Budget(CostModel.from_dict(profile), config.tpot_slo_ms / 1000.0, config.tpot_slo_ms, profile)
+        cost_model = CostModel.from_dict(profile)
+        if loaded:
+            cost_model.scale = min(MAX_SCALE, max(MIN_SCALE, measure_scale(engine, cost_model)))
+            logger.info("latency profile %s loaded; measured scale %.2f", config.latency_profile, cost_model.scale)
+        budget = Budget(cost_model, config.tpot_slo_ms / 1000.0, config.tpot_slo_ms, profile)
         if budget.cost_model.max_forward_tokens(budget.limit) < 1:
             logger.warning("tpot_slo_ms=%s is below the latency of a one-token iteration (%.1f ms); "
                            "inference runs one token per iteration and finetuning gets no budget",

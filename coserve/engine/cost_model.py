@@ -19,6 +19,9 @@ from dataclasses import asdict, dataclass
 # finetuning also pays the vocabulary projection's forward and gradient: measured on bench-small,
 # a backward token costs about 1.0 to 1.5 forward tokens.
 DEFAULT_BACKWARD_TOKEN_RATIO = 1.5
+MIN_SCALE, MAX_SCALE = 1.0 / 16, 16.0
+"""How far measured latency may be from the profile: a profile taken while other work shared the
+cores can be many times too slow, and one taken on an idle machine too fast under load."""
 
 
 @dataclass
@@ -64,7 +67,7 @@ class CostModel:
         profiled = self.predict(num_forward_tokens, backward_windows) / self.scale
         if profiled <= 0:
             return
-        ratio = min(4.0, max(0.25, seconds / profiled))
+        ratio = min(MAX_SCALE, max(MIN_SCALE, seconds / profiled))
         # Up quickly (an overrun costs SLO misses), down slowly (one fast iteration proves little).
         weight = 0.5 if ratio > self.scale else 0.05
         self.scale += weight * (ratio - self.scale)

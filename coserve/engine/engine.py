@@ -226,6 +226,7 @@ class Engine:
         stats = self.stats.snapshot(self.scheduler, self.block_manager)
         stats["budget"] = self.budget.to_dict(self.scheduler)
         stats["latency_profile"] = self.budget.profile
+        stats["adapters"] = self.adapters.residency()
         stats["finetune"] = self.finetune.stats()
         stats["finetune"]["planned_saved_bytes_per_token"] = self.prune_report.bytes_per_token
         stats["finetune"]["recomputed"] = self.prune_report.recomputed

@@ -36,6 +36,8 @@ class _Job:
         self.max_in_flight = max_in_flight
         self.pending: deque[TrainingSequence] = deque()
         self.admitted: list[TrainingSequence] = []
+        self.waited = 0
+        """Iterations in a row in which this job had work but got none of the budget."""
 
 
 class FinetunePlanner:
@@ -100,8 +102,11 @@ class FinetunePlanner:
                  "planned": set(), "adapters": set(adapters_in_use)}
         for index, job_id in enumerate(active):
             share = state["left"] / (len(active) - index)
+            planned_before = len(chunks) + len(windows)
             spent = self._plan_job(job_id, cost, share, state, chunks, windows)
             state["left"] -= spent
+            job = self.jobs[job_id]
+            job.waited = 0 if len(chunks) + len(windows) > planned_before else job.waited + 1
         # Rotate so a different job goes first (and gets the rounding) next time.
         self.jobs.move_to_end(active[0])
         return chunks, windows
@@ -113,6 +118,11 @@ class FinetunePlanner:
         # Never ask for more than a whole iteration could hold, and always allow one token in an
         # iteration with nothing else in it, so finetuning progresses under any budget.
         idle = state["forward"] == 0 and not chunks and not windows
+        # A job that got nothing for `finetune_starvation_iterations` iterations in a row (inference
+        # filling the budget, or a budget below one backward window) gets one small piece anyway:
+        # at most one iteration in that many runs over its target, and the job still finishes.
+        starving = job.waited >= self.config.finetune_starvation_iterations
+        took = False
         min_backward = max(1, min(self.config.min_finetune_tokens, cost.max_backward_tokens(state["limit"])))
         min_forward = max(1, min(self.config.min_finetune_tokens, cost.max_forward_tokens(state["limit"])))
         for seq in job.admitted:
@@ -122,10 +132,13 @@ class FinetunePlanner:
             n = min(target, cost.max_backward_tokens(share - spent))
             if idle and not windows:
                 n = max(n, 1)
+            elif starving and not took:
+                n = max(n, min(self.config.min_finetune_tokens, seq.backward_end))
             elif n <= 0 or n < min(min_backward, target):
                 continue
             windows.append(BackwardWindow(seq.seq_id, seq.backward_end - n, seq.backward_end,
                                           self.block_manager.block_ids(seq.seq_id)))
+            took = True
             spent += cost.backward_cost(n)
         planned: set[str] = state["planned"]
         adapters: set[str] = state["adapters"]
@@ -139,6 +152,8 @@ class FinetunePlanner:
             n = min(remaining, self._max_forward(cost, share - spent, state["forward"]))
             if idle and not windows and state["forward"] == 0:
                 n = max(n, 1)
+            elif starving and not took:
+                n = max(n, min(self.config.min_finetune_tokens, remaining))
             elif n <= 0 or n < min(min_forward, remaining):
                 break
             if seq.seq_id not in self.sequences and not self._admit(job, seq):
@@ -152,6 +167,7 @@ class FinetunePlanner:
             state["forward"] += n
             planned.add(seq.seq_id)
             adapters.add(job.adapter)
+            took = True
         return spent
 
     def _next_forward(self, job: _Job, planned: set[str]) -> TrainingSequence | None:

@@ -72,9 +72,11 @@ class EngineLoop:
         with self._state:
             self._num_waiters += 1
         try:
-            remaining = timeout
+            # A deadline, checked after every step too: a waiter with a timeout (a stream polling for
+            # new tokens) must get control back even while the engine always has work.
+            deadline = None if timeout is None else time.monotonic() + timeout
             while not future.done():
-                if self._stopped:
+                if self._stopped or (deadline is not None and time.monotonic() >= deadline):
                     break
                 if self._driver.acquire(blocking=False):
                     try:
@@ -84,10 +86,6 @@ class EngineLoop:
                     if did_work:
                         continue
                 wait_futures([future], timeout=_POLL_SECONDS)
-                if remaining is not None:
-                    remaining -= _POLL_SECONDS
-                    if remaining <= 0:
-                        break
             return future.result(timeout=0 if timeout is not None else None)
         finally:
             with self._state:

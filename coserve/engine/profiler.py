@@ -70,6 +70,25 @@ def profile_latency(engine) -> dict:
     return profile
 
 
+CALIBRATION_TOKENS = 32
+
+
+def measure_scale(engine, cost_model: CostModel) -> float:
+    """Measured over predicted latency of a small forward now: the starting `scale` for a profile
+    loaded from a file (it may come from another machine, or from a moment of contention)."""
+    n = min(CALIBRATION_TOKENS, engine.max_model_len - 1)
+    block_manager = engine.block_manager
+    if not block_manager.can_allocate(_PROFILE_ID, n):
+        return 1.0
+    block_manager.allocate(_PROFILE_ID, n)
+    try:
+        seconds = _time_forward(engine, block_manager.block_ids(_PROFILE_ID), n, engine.model.config.vocab_size)
+    finally:
+        block_manager.free(_PROFILE_ID)
+    predicted = cost_model.forward_base + cost_model.forward_per_token * n
+    return seconds / predicted if predicted > 0 else 1.0
+
+
 def _prefill(n: int, blocks: list[int], vocab: int, training: bool) -> ScheduledSequence:
     tokens = [(7 * i + 3) % vocab for i in range(n)]
     return ScheduledSequence(_PROFILE_ID, tokens, 0, blocks, None, needs_sample=not training, is_training=training)

@@ -3,7 +3,9 @@
 Reads of status, losses and progress are plain attribute reads of the job
 (updated by the engine thread between iterations). `wait` blocks until the job
 ends, stepping the engine meanwhile if no other thread does; `cancel` runs
-between iterations and frees the job's KV blocks and buffers.
+between iterations and frees the job's KV blocks and buffers. A driver that
+handles every step before the next (the Trainer) uses `wait_step`,
+`continue_to` and `stop` (see `FinetuneJob.pause_at_step`).
 """
 from __future__ import annotations
 
@@ -63,6 +65,33 @@ class FinetuneJobHandle:
     def cancel(self) -> bool:
         """Stop the job; False if it had already ended."""
         return self._loop.call(lambda: self._loop.engine.cancel_finetune_job(self._job.job_id))
+
+    # ---- step by step ----------------------------------------------------------------------------
+
+    def wait_step(self, step: int, timeout: float | None = None) -> dict:
+        """Block until the job has done `step` optimizer steps or ended (or `timeout` passes); returns progress()."""
+        manager = self._loop.engine.finetune
+        future = self._loop.call(lambda: manager.step_future(self._job.job_id, step))
+        try:
+            return self._loop.wait(future, timeout=timeout)
+        except TimeoutError:
+            return self._loop.call(self._job.progress)
+
+    def continue_to(self, pause_at_step: int | None) -> bool:
+        """Let the job run until it has done `pause_at_step` steps, then pause; None = run to the end."""
+        manager = self._loop.engine.finetune
+        return self._loop.call(lambda: manager.continue_job(self._job.job_id, pause_at_step))
+
+    def stop(self) -> bool:
+        """End the job after the step in flight (at once when paused), saving its adapter to output_dir as a
+        finished job does; its status becomes "succeeded" with progress()["stopped_early"]. False if it had ended."""
+        manager = self._loop.engine.finetune
+        return self._loop.call(lambda: manager.stop(self._job.job_id))
+
+    def save_checkpoint(self) -> str:
+        """Write output_dir/checkpoint-<step>/ now (the state after the last optimizer step); returns its path."""
+        manager = self._loop.engine.finetune
+        return self._loop.call(lambda: manager.save_checkpoint(self._job.job_id))
 
     def __repr__(self) -> str:
         return f"FinetuneJobHandle({self.job_id!r}, adapter={self.adapter!r}, status={self.status!r}, step={self.step})"

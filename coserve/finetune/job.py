@@ -8,6 +8,9 @@ target tokens divided by their count; each token's gradient is weighted by
 1 / that count (`loss_scale`), so the gradients sum to the step's mean loss.
 A job resumed from a checkpoint (`resume_from`) continues exactly where the
 one that wrote it stood: same weights, optimizer, schedule and rows.
+A driver that must see every step before the next one starts (the Trainer's
+callbacks) sets `pause_at_step`: the job then waits, nothing in flight, once
+it has done that many steps, until the limit is raised or the job is stopped.
 """
 from __future__ import annotations
 
@@ -52,6 +55,12 @@ class FinetuneJob:
         self.error: str | None = None
         self.step = 0                      # optimizer steps done
         self.losses: list[float] = []
+        self.learning_rates: list[float] = []       # the lr each step used
+        self.grad_norms: list[float | None] = []    # global gradient norm before clipping, per step
+        self.pause_at_step: int | None = None       # pause once `step` reaches it (None: never)
+        self.is_paused = False                      # waiting at pause_at_step, nothing in flight
+        self.stop_requested = False                 # finish after the step in flight
+        self.stopped_early = False                  # ended by `stop` before max_steps
         self.tokens_trained = 0            # tokens whose forward and backward are done
         self.checkpoints: list[str] = []
         self.resumed_from: str | None = None
@@ -62,6 +71,7 @@ class FinetuneJob:
         self._loss_sum = 0.0
         self._num_targets = 0
         self._outstanding: set[str] = set()
+        self._step_waiters: list[tuple[int, Future]] = []   # engine thread only
 
     @property
     def adapter(self) -> str:
@@ -99,7 +109,14 @@ class FinetuneJob:
         """Clip, step the optimizer and the schedule; returns the step's mean loss."""
         params = self.lora.parameters()
         if self.config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        else:
+            # NOTE: the same norm clip_grad_norm_ computes, for the logs only; nothing is scaled.
+            grads = [p.grad.detach() for p in params if p.grad is not None]
+            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) \
+                if grads else torch.zeros(())
+        self.grad_norms.append(float(grad_norm))
+        self.learning_rates.append(float(self.optimizer.param_groups[0]["lr"]))
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -111,6 +128,30 @@ class FinetuneJob:
     @property
     def is_last_step(self) -> bool:
         return self.step >= self.config.max_steps
+
+    @property
+    def should_pause(self) -> bool:
+        return self.pause_at_step is not None and self.step >= self.pause_at_step
+
+    def step_future(self, step: int) -> Future:
+        """Engine thread: a future that resolves (with `progress()`) once `step` steps are done or the job ends."""
+        future: Future = Future()
+        self._step_waiters.append((step, future))
+        self.notify_step_waiters()
+        return future
+
+    def notify_step_waiters(self) -> None:
+        """Engine thread: resolve the waiters whose step is reached (all of them once the job ended)."""
+        if not self._step_waiters:
+            return
+        ready = [(s, f) for s, f in self._step_waiters if self.is_finished or self.step >= s]
+        if not ready:
+            return
+        self._step_waiters = [(s, f) for s, f in self._step_waiters if not (self.is_finished or self.step >= s)]
+        progress = self.progress()
+        for _, future in ready:
+            if not future.done():
+                future.set_result(progress)
 
     # ---- saving -------------------------------------------------------------------------------
 
@@ -128,10 +169,12 @@ class FinetuneJob:
                  "tokens_trained": self.tokens_trained, "checkpoints": list(self.checkpoints),
                  "optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
                  "param_modules": list(self.lora.params), "identity": self.identity,
+                 "learning_rates": list(self.learning_rates), "grad_norms": list(self.grad_norms),
                  # NOTE: kept for inspection only; a resume does not restore it (see resume_from).
                  "rng": torch.get_rng_state()}
         path = write_checkpoint(self.config.output_dir, self.step, self.lora.to_adapter(), state)
-        self.checkpoints.append(path)
+        if path not in self.checkpoints:   # a step saved twice (on request, then by save_steps) is one entry
+            self.checkpoints.append(path)
         return path
 
     def resume_from(self, checkpoint: Checkpoint) -> None:
@@ -153,6 +196,9 @@ class FinetuneJob:
                              f"fit this job's parameters ({type(exc).__name__}: {exc})") from exc
         self.step = checkpoint.step
         self.losses = list(state["losses"])
+        # NOTE: checkpoints of an older version lack these two; the logs then show None for them.
+        self.learning_rates = list(state.get("learning_rates") or [None] * self.step)
+        self.grad_norms = list(state.get("grad_norms") or [None] * self.step)
         self.tokens_trained = state["tokens_trained"]
         self.checkpoints = list(state["checkpoints"]) + [checkpoint.path]
         self.resumed_from = checkpoint.path
@@ -168,4 +214,7 @@ class FinetuneJob:
                 "step": self.step, "max_steps": self.config.max_steps, "losses": list(self.losses),
                 "last_loss": self.losses[-1] if self.losses else None, "tokens_trained": self.tokens_trained,
                 "checkpoints": list(self.checkpoints), "resumed_from": self.resumed_from,
+                "learning_rates": list(self.learning_rates), "grad_norms": list(self.grad_norms),
+                "num_examples": len(self.examples), "sequences_per_step": self.config.sequences_per_step,
+                "paused": self.is_paused, "pause_at_step": self.pause_at_step, "stopped_early": self.stopped_early,
                 "created_at": self.created_at, "started_at": self.started_at, "finished_at": self.finished_at}

@@ -8,7 +8,10 @@ registers the adapter for serving and hands the first step's sequences to the
 scheduler; `after_iteration` books losses and finished backwards, steps the
 optimizer when a step is complete, pushes the new weights to the serving slot
 and writes checkpoints. A job that fails or is cancelled frees its KV blocks
-and buffers and fails alone.
+and buffers and fails alone. A job may pause between steps (`pause_at_step`,
+raised by `continue_job`) and be stopped gracefully (`stop`: after the step in
+flight, saved like a finished job). `eval_batch` runs a forward-only loss of an
+adapter on whole sequences, on a private KV cache, between iterations.
 """
 from __future__ import annotations
 
@@ -17,21 +20,28 @@ import logging
 import os
 import time
 
+import torch
+import torch.nn.functional as F
+
 from coserve.config import FinetuneConfig
 from coserve.engine.adapter_manager import AdapterManager
 from coserve.engine.finetune_planner import FinetunePlanner
 from coserve.engine.outputs import RunnerOutput, SchedulerOutput
 from coserve.engine.training_sequence import BackwardWindow, TrainingSequence
 from coserve.finetune.checkpoint import Checkpoint, load_checkpoint, resume_path
-from coserve.finetune.dataset import load_rows, tokenize_rows
+from coserve.finetune.dataset import IGNORE_INDEX, TrainingExample, load_rows, tokenize_rows
 from coserve.finetune.executor import FinetuneExecutor
 from coserve.finetune.job import FinetuneJob
 from coserve.finetune.peft_config import lora_config_from_peft
 from coserve.finetune.trainable import TrainableLoRA
+from coserve.models.attention import allocate_kv_cache, build_attention_metadata
+from coserve.models.llama import head_dim_of
+from peft_methods.lora.layer import LoRABatch
 from peft_methods.lora.weights import load_adapter
 
 logger = logging.getLogger(__name__)
 _job_counter = itertools.count()
+_MAX_LOGIT_ELEMENTS = 1 << 24   # as in finetune/loss.py: no [tokens, vocab] matrix beyond ~64 MB of fp32
 
 
 class FinetuneManager:
@@ -115,10 +125,23 @@ class FinetuneManager:
                 # Resumed from the checkpoint of its last step: nothing left to train.
                 self._succeed(job)
             else:
-                self._start_step(job)
+                self._next_step(job)
         except Exception as exc:
             self.fail(job.job_id, f"{type(exc).__name__}: {exc}")
+        job.notify_step_waiters()
         return job
+
+    def _next_step(self, job: FinetuneJob) -> None:
+        """After a step (or at submit): stop, pause at the job's limit, or queue the next step."""
+        if job.stop_requested:
+            job.stopped_early = True
+            logger.info("job %s stopped after step %d/%d", job.job_id, job.step, job.config.max_steps)
+            self._succeed(job)
+        elif job.should_pause:
+            job.is_paused = True
+        else:
+            job.is_paused = False
+            self._start_step(job)
 
     def _start_step(self, job: FinetuneJob) -> None:
         sequences, loss_scale = job.step_sequences()
@@ -178,16 +201,115 @@ class FinetuneManager:
             if job.is_last_step:
                 self._succeed(job)
             else:
-                self._start_step(job)
+                self._next_step(job)
         except Exception as exc:
             logger.exception("job %s failed after step %d", job.job_id, job.step)
             self.fail(job.job_id, f"{type(exc).__name__}: {exc}")
+        job.notify_step_waiters()
 
     def _succeed(self, job: FinetuneJob) -> None:
         if job.config.output_dir is not None:
             job.save_adapter(job.config.output_dir)
         self.planner.remove_job(job.job_id)
         self._end(job, "succeeded")
+
+    # ---- driving a job step by step -----------------------------------------------------------
+
+    def continue_job(self, job_id: str, pause_at_step: int | None) -> bool:
+        """Let a job run until it has done `pause_at_step` steps (None: to the end); False if it ended."""
+        job = self._job(job_id)
+        if job.is_finished:
+            return False
+        job.pause_at_step = pause_at_step
+        if job.is_paused and not job.should_pause:
+            try:
+                self._next_step(job)
+            except Exception as exc:
+                self.fail(job.job_id, f"{type(exc).__name__}: {exc}")
+        return True
+
+    def stop(self, job_id: str) -> bool:
+        """End a job gracefully after the step in flight (at once if paused), saved as if finished.
+
+        Its status becomes "succeeded" with `stopped_early`; False if the job had already ended.
+        """
+        job = self._job(job_id)
+        if job.is_finished:
+            return False
+        job.stop_requested = True
+        if job.is_paused:
+            job.is_paused = False
+            try:
+                self._next_step(job)
+            except Exception as exc:   # e.g. the final adapter could not be written
+                self.fail(job.job_id, f"{type(exc).__name__}: {exc}")
+            job.notify_step_waiters()
+        return True
+
+    def save_checkpoint(self, job_id: str) -> str:
+        """Write output_dir/checkpoint-<step>/ now. The state saved is the one after the last optimizer
+        step (gradients of a step in flight are not part of it), so any moment between iterations works."""
+        job = self._job(job_id)
+        if job.status not in ("running", "succeeded"):
+            raise ValueError(f"job {job_id} is {job.status}; only a running or finished job can be checkpointed")
+        if job.config.output_dir is None:
+            raise ValueError(f"job {job_id} has no output_dir to write a checkpoint to")
+        return job.save_checkpoint()
+
+    def step_future(self, job_id: str, step: int):
+        """A future resolved with the job's progress once it has done `step` steps or ended."""
+        return self._job(job_id).step_future(step)
+
+    def _job(self, job_id: str) -> FinetuneJob:
+        try:
+            return self.jobs[job_id]
+        except KeyError:
+            raise KeyError(f"no finetuning job {job_id!r}") from None
+
+    # ---- evaluation ---------------------------------------------------------------------------
+
+    def prepare_eval(self, dataset, max_seq_len: int, packing: bool = False) -> list[TrainingExample]:
+        """Read and tokenize evaluation data exactly as training data (any thread)."""
+        if max_seq_len > self.max_model_len:
+            raise ValueError(f"max_seq_len {max_seq_len} is longer than the model's maximum length "
+                             f"{self.max_model_len}")
+        source = dataset if isinstance(dataset, (str, os.PathLike)) else "eval dataset"
+        return tokenize_rows(load_rows(dataset), self.tokenizer, max_seq_len, packing=packing,
+                             vocab_size=self.model.config.vocab_size, source_name=str(source))
+
+    @torch.no_grad()
+    def eval_batch(self, adapter: str | None, examples: list[TrainingExample]) -> tuple[float, int]:
+        """Engine thread: (sum of token losses, number of target tokens) of `adapter` on whole examples.
+
+        The loss is the training loss without its backward: token i predicts labels[i + 1]. The
+        sequences run in one forward on their own KV cache, so no running request is disturbed.
+        """
+        cfg = self.model.config
+        device = self.model.lm_head.weight.device
+        slot = self.adapters.activate({adapter})[adapter] if adapter is not None else -1
+        num_blocks = [self.planner.block_manager.num_blocks_needed(len(e.input_ids)) for e in examples]
+        caches = allocate_kv_cache(cfg.num_hidden_layers, sum(num_blocks), self.block_size,
+                                   cfg.num_key_value_heads, head_dim_of(cfg), self.executor.dtype, device)
+        input_ids, positions, targets, seqs, first_block = [], [], [], [], 0
+        for example, blocks in zip(examples, num_blocks):
+            n = len(example.input_ids)
+            input_ids += example.input_ids
+            positions += range(n)
+            targets += list(example.labels[1:]) + [IGNORE_INDEX]
+            seqs.append((0, n, list(range(first_block, first_block + blocks))))
+            first_block += blocks
+        meta = build_attention_metadata(seqs, self.block_size, self.model.sliding_window, device)
+        with self.adapters.context.use(LoRABatch.from_slots([slot] * len(input_ids), device)):
+            hidden = self.model(torch.tensor(input_ids, device=device), torch.tensor(positions, device=device),
+                                caches, meta)                                         # [tokens, hidden], normed
+        targets_t = torch.tensor(targets, dtype=torch.long, device=device)
+        loss_sum, rows = 0.0, max(1, _MAX_LOGIT_ELEMENTS // cfg.vocab_size)
+        for start in range(0, hidden.shape[0], rows):
+            logits = self.model.compute_logits(hidden[start:start + rows])               # [rows, vocab]
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            loss_sum += float(F.cross_entropy(logits, targets_t[start:start + rows], ignore_index=IGNORE_INDEX,
+                                              reduction="sum"))
+        return loss_sum, sum(1 for t in targets if t != IGNORE_INDEX)
 
     # ---- ending jobs --------------------------------------------------------------------------
 
@@ -225,8 +347,10 @@ class FinetuneManager:
 
     def _end(self, job: FinetuneJob, status: str) -> None:
         job.status, job.finished_at = status, time.time()
+        job.is_paused = False
         if not job.future.done():
             job.future.set_result(job)
+        job.notify_step_waiters()
 
     def stats(self) -> dict:
         return {"jobs": {job_id: job.progress() for job_id, job in self.jobs.items()},

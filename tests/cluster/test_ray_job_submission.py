@@ -183,7 +183,7 @@ def test_serve_on_embedded_ray_stops_cleanly_on_ctrl_c(tiny_llama_dir, tmp_path)
     out = tmp_path / "serve.out"
     with open(out, "w") as stdout:
         process = subprocess.Popen([COSERVE, "serve", "--name", "embedded", "--model", str(tiny_llama_dir),
-                                    "--dtype", "float32", "--directory", str(tmp_path / "deployment")],
+                                    "--dtype", "float32", "--port", "0", "--directory", str(tmp_path / "deployment")],
                                    env=env, stdout=stdout, stderr=subprocess.PIPE, text=True)
         try:
             def ready():
@@ -209,7 +209,7 @@ def test_serve_and_finetune_as_ray_jobs(head, tiny_llama_dir, tmp_path):
     submitted = head.ray("submit", "--no-wait", "--submission-id", serve_id,
                          "--runtime-env-json", json.dumps(SERVE_RUNTIME_ENV), "--",
                          COSERVE, "serve", "--workers", "1", "--name", name, "--model", str(tiny_llama_dir),
-                         "--dtype", "float32", "--no-gpu", "--max-num-batched-tokens", "64",
+                         "--dtype", "float32", "--no-gpu", "--max-num-batched-tokens", "64", "--port", "0",
                          "--directory", str(tmp_path / "deployment"))
     assert submitted.returncode == 0, submitted.stderr
     try:

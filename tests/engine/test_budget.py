@@ -28,12 +28,18 @@ def test_slo_engine_profiles_saves_and_reuses_the_latency_profile(tiny_llama_dir
         assert job.wait(timeout=120) == "succeeded"
     finally:
         llm.shutdown()
-    # A saved profile is loaded, not measured again: edit it and see the edit in the budget.
+    # A saved profile is loaded, not measured again: edit it and see the edit in the budget. One small
+    # forward at start-up rescales it: 10 ms per token is far slower than this model, so the scale is < 1.
     profile["forward_per_token"] = 0.01
     path.write_text(json.dumps(profile))
     llm = LLM(model=str(tiny_llama_dir), dtype="float32", device="cpu", tpot_slo_ms=500, latency_profile=str(path))
     try:
-        assert llm.stats()["budget"]["max_forward_tokens"] == CostModel.from_dict(profile).max_forward_tokens(0.5)
+        budget = llm.stats()["budget"]
+        loaded = CostModel.from_dict(profile)
+        assert 1 / 16 <= budget["latency_scale"] < 0.5
+        loaded.scale = budget["latency_scale"]
+        assert budget["max_forward_tokens"] == loaded.max_forward_tokens(0.5) > CostModel.from_dict(profile).max_forward_tokens(0.5)
+        assert json.loads(path.read_text()) == profile   # the file itself is left as it was
     finally:
         llm.shutdown()
 

