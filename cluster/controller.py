@@ -251,53 +251,42 @@ class Controller:
             pending.sort()
         return results
 
-    def generate_stream(self, prompt, sampling_params, adapter, prompt_token_ids=None):
-        """One request, streamed from its worker (a Ray streaming generator).
+    def route_stream(self, prompt, sampling_params, adapter, prompt_token_ids=None, lost_on: tuple = ()) -> dict:
+        """Pick the worker for one streamed request and load its adapter there; the caller streams
+        from the worker directly (tokens never pass through here) and calls `stream_done` after.
 
-        If the worker dies before the first chunk, the request is routed again; once
-        tokens have been streamed it cannot be, and fails with WorkerLostError.
+        Waits up to retry_timeout_s for a healthy worker; then WorkerLostError naming `lost_on`.
         """
         prompts = None if prompt is None else [prompt]
         token_ids = None if prompt_token_ids is None else [prompt_token_ids]
         deadline = time.monotonic() + self.retry_timeout_s
-        lost_on: list[str] = []
         while True:
             try:
                 name = next(iter(self._route([0], prompts, [sampling_params], [adapter], token_ids)))
-            except NoWorkerError as exc:
-                if time.monotonic() > deadline:
-                    raise WorkerLostError(f"the request could not be served within {self.retry_timeout_s:.0f} s"
-                                          f"{f' (lost with {lost_on})' if lost_on else ''}: {exc}") from None
-                time.sleep(0.1)
-                continue
-            with self._lock:
-                handle = self.workers[name].handle
-                tokens = _request_tokens(0, prompts, token_ids, sampling_params)
-                self.workers[name].queued_tokens += tokens
-            streamed = 0
-            try:
-                self._dispatch_adapters(name, handle, [adapter])
-                chunks = handle.generate_stream.options(num_returns="streaming").remote(
-                    prompt, sampling_params, adapter, prompt_token_ids)
-                for ref in chunks:
-                    chunk = ray.get(ref)
-                    streamed += len(chunk.token_ids)
-                    yield chunk
-                return
-            except RayActorError:
-                self._mark_lost(name, handle)
-                lost_on.append(name)
-                if streamed:
-                    raise WorkerLostError(f"worker {name} died after {streamed} token(s) of the request were "
-                                          f"streamed; a partly streamed request is not retried") from None
-                if time.monotonic() > deadline:
-                    raise WorkerLostError(f"the request was lost with worker(s) {lost_on} and no retry "
-                                          f"finished within {self.retry_timeout_s:.0f} s") from None
-            except RayTaskError as exc:
-                raise _unwrap(exc) from None
-            finally:
                 with self._lock:
-                    self.workers[name].queued_tokens -= tokens
+                    handle = self.workers[name].handle
+                self._dispatch_adapters(name, handle, [adapter])
+                break
+            except (NoWorkerError, RayActorError) as exc:
+                if isinstance(exc, RayActorError):
+                    self._mark_lost(name, handle)
+                if time.monotonic() > deadline:
+                    lost = f" (lost with worker(s) {sorted(set(lost_on))})" if lost_on else ""
+                    raise WorkerLostError(f"the request{lost} could not be served within "
+                                          f"{self.retry_timeout_s:.0f} s: {exc}") from None
+                time.sleep(0.1)
+        tokens = _request_tokens(0, prompts, token_ids, sampling_params)
+        with self._lock:
+            self.workers[name].queued_tokens += tokens
+        return {"worker": name, "actor": handle, "tokens": tokens, "retry_timeout_s": self.retry_timeout_s}
+
+    def stream_done(self, worker: str, tokens: int, lost_handle=None) -> None:
+        """A stream routed by `route_stream` ended; `lost_handle`: its worker died under it."""
+        with self._lock:
+            if worker in self.workers:
+                self.workers[worker].queued_tokens -= tokens
+        if lost_handle is not None:
+            self._mark_lost(worker, lost_handle)
 
     def _route(self, indices: list[int], prompts, sampling_params, adapters, prompt_token_ids
                ) -> dict[str, list[int]]:

@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 import ray
 from ray.exceptions import RayActorError
 
-from cluster.errors import DeploymentNotFoundError
+from cluster.errors import DeploymentNotFoundError, WorkerLostError
 from cluster.job_handle import ClusterJob
 from cluster.names import NAMESPACE, controller_name
 from cluster.placement import plan_workers
@@ -38,8 +38,8 @@ logger = logging.getLogger(__name__)
 CONTROLLER_MAX_CONCURRENCY = 512
 CONTROLLER_RESTART_WAIT_S = 60.0
 # Calls that read or that can run twice without harm; others are not retried across a controller restart.
-_RETRYABLE = {"job", "jobs", "stats", "workers_info", "list_adapters", "generate", "ping", "wait_job_step",
-              "evaluate"}
+_RETRYABLE = {"job", "jobs", "stats", "workers_info", "list_adapters", "generate", "route_stream", "ping",
+              "wait_job_step", "evaluate"}
 
 
 def default_directory(name: str) -> Path:
@@ -163,13 +163,40 @@ class Deployment:
         if self._closed:
             raise RuntimeError(f"deployment {self.name!r} was shut down")
         params = sampling_params if sampling_params is not None else SamplingParams()
-        chunks = self._controller.generate_stream.options(num_returns="streaming").remote(
-            prompt, params, adapter, None if prompt_token_ids is None else list(prompt_token_ids))
-        for ref in chunks:
+        token_ids = None if prompt_token_ids is None else list(prompt_token_ids)
+        # The controller routes; tokens stream from the worker straight to here (one hop, not two).
+        lost_on: list[str] = []
+        deadline = None
+        while True:
+            route = self._call("route_stream", prompt, params, adapter, token_ids, tuple(lost_on))
+            deadline = deadline or time.monotonic() + route["retry_timeout_s"]
+            name, worker, streamed, lost = route["worker"], route["actor"], 0, None
+            chunks = worker.generate_stream.options(num_returns="streaming").remote(prompt, params, adapter, token_ids)
             try:
-                yield ray.get(ref)
+                for ref in chunks:
+                    chunk = ray.get(ref)
+                    streamed += len(chunk.token_ids)
+                    yield chunk
+                return
+            except RayActorError:
+                lost = worker
+                lost_on.append(name)
+                if streamed:
+                    raise WorkerLostError(f"worker {name} died after {streamed} token(s) of the request were "
+                                          f"streamed; a partly streamed request is not retried") from None
+                if time.monotonic() > deadline:
+                    raise WorkerLostError(f"the request was lost with worker(s) {lost_on} and no retry "
+                                          f"finished in time") from None
             except ray.exceptions.RayTaskError as exc:
                 raise (exc.cause if exc.cause is not None else exc) from None
+            except GeneratorExit:
+                _cancel_quietly(chunks)   # the caller stopped reading: stop the worker's generation too
+                raise
+            finally:
+                try:
+                    self._controller.stream_done.remote(name, route["tokens"], lost)
+                except Exception:   # Ray already shut down: nothing left to account for
+                    pass
 
     # ---- finetuning ----------------------------------------------------------------------------
 
@@ -279,6 +306,13 @@ class Deployment:
                 time.sleep(0.5)
             except ray.exceptions.RayTaskError as exc:
                 raise (exc.cause if exc.cause is not None else exc) from None
+
+
+def _cancel_quietly(ref_generator) -> None:
+    try:
+        ray.cancel(ref_generator)
+    except Exception:   # already finished, or not cancellable: the worker ends it at its max_tokens
+        pass
 
 
 def _kill_deployment(name: str, controller) -> None:
