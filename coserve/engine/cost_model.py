@@ -49,8 +49,10 @@ class CostModel:
     def backward_cost(self, num_tokens: int) -> float:
         return self.scale * (self.backward_base + self.backward_per_token * num_tokens) if num_tokens else 0.0
 
-    def predict(self, num_forward_tokens: int, backward_windows: list[int] = ()) -> float:
-        return self.forward_cost(num_forward_tokens) + sum(self.backward_cost(n) for n in backward_windows)
+    def predict(self, num_forward_tokens: int, backward_windows: list = ()) -> float:
+        """backward_windows: token counts, or (tokens, share of the layers) for layer windows."""
+        return self.forward_cost(num_forward_tokens) + sum(
+            w[1] * self.backward_cost(w[0]) if isinstance(w, tuple) else self.backward_cost(w) for w in backward_windows)
 
     def max_forward_tokens(self, limit: float) -> int:
         """Most forward tokens an iteration may hold and stay within `limit`."""
@@ -60,7 +62,7 @@ class CostModel:
         """Most tokens one backward window may hold within `limit`."""
         return max(0, int((limit / self.scale - self.backward_base) / self.backward_per_token))
 
-    def observe(self, num_forward_tokens: int, backward_windows: list[int], seconds: float) -> None:
+    def observe(self, num_forward_tokens: int, backward_windows: list, seconds: float) -> None:
         """Fold one measured iteration into `scale` (seconds models only)."""
         if self.unit != "s":
             return

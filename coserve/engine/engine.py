@@ -63,6 +63,7 @@ class Engine:
                                            self.dtype, self.device)
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(config.scheduler_config(), self.block_manager)
+        self.scheduler.finetune.num_layers = len(self.model.model.layers)   # backward may run in layer pieces
         self.prune_report = prune_backward(self.model, self.dtype, config.block_size)
         executor = FinetuneExecutor(self.model, self.kv_caches, config.block_size, self.dtype, self.device)
         self.runner = ModelRunner(self.model, self.kv_caches, config.block_size, self.lora_context,
@@ -145,7 +146,7 @@ class Engine:
             seconds = time.perf_counter() - start
             self.stats.record_iteration(scheduler_output, seconds)
             self.scheduler.cost_model.observe(sum(s.num_tokens for s in scheduler_output.sequences),
-                                              [w.num_tokens for w in scheduler_output.backward_windows], seconds)
+                                              [(w.num_tokens, w.fraction) for w in scheduler_output.backward_windows], seconds)
         finished += self._check_stop_strings(scheduler_output)
         for request in finished:
             self._finalize(request)

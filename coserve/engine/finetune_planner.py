@@ -44,6 +44,8 @@ class FinetunePlanner:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
         self.config = config
         self.block_manager = block_manager
+        self.num_layers = 1
+        """Decoder layers of the model (set by the engine): a window may run in pieces of these."""
         self.jobs: OrderedDict[str, _Job] = OrderedDict()
         self.sequences: dict[str, TrainingSequence] = {}   # admitted ones, by id
         self.completed: list[TrainingSequence] = []        # backward done; drained by the engine
@@ -128,18 +130,13 @@ class FinetunePlanner:
         for seq in job.admitted:
             if not seq.is_forward_done or seq.backward_end == 0:
                 continue
-            target = _window_size(seq.backward_end, cost.max_backward_tokens(state["limit"]))
-            n = min(target, cost.max_backward_tokens(share - spent))
-            if idle and not windows:
-                n = max(n, 1)
-            elif starving and not took:
-                n = max(n, min(self.config.min_finetune_tokens, seq.backward_end))
-            elif n <= 0 or n < min(min_backward, target):
+            force = (idle and not windows) or (starving and not took)
+            window = self._plan_window(seq, cost, share - spent, state["limit"], min_backward, force)
+            if window is None:
                 continue
-            windows.append(BackwardWindow(seq.seq_id, seq.backward_end - n, seq.backward_end,
-                                          self.block_manager.block_ids(seq.seq_id)))
+            windows.append(window)
+            spent += window.fraction * cost.backward_cost(window.num_tokens)
             took = True
-            spent += cost.backward_cost(n)
         planned: set[str] = state["planned"]
         adapters: set[str] = state["adapters"]
         if job.adapter not in adapters and len(adapters) >= self.config.max_loras:
@@ -169,6 +166,44 @@ class FinetunePlanner:
             adapters.add(job.adapter)
             took = True
         return spent
+
+    def _plan_window(self, seq: TrainingSequence, cost: CostModel, budget: float, limit: float,
+                     min_backward: int, force: bool) -> BackwardWindow | None:
+        """The sequence's next backward piece within `budget`: a whole window through every layer
+        when one worth running fits, else the top layers of one (a layer window), continued by
+        later iterations; `force` takes the smallest piece even when nothing fits."""
+        blocks = self.block_manager.block_ids(seq.seq_id)
+        layers = self.num_layers
+        if seq.window_start is not None:          # continue a part-done window
+            n = seq.backward_end - seq.window_start
+            k = min(seq.layer_top, self._layers_within(cost, n, budget))
+            if k < 1 and not force:
+                return None
+            k = max(k, 1)
+            return BackwardWindow(seq.seq_id, seq.window_start, seq.backward_end, blocks,
+                                  layer_start=seq.layer_top - k, layer_end=seq.layer_top, fraction=k / layers)
+        target = _window_size(seq.backward_end, cost.max_backward_tokens(limit))
+        n = min(target, cost.max_backward_tokens(budget))
+        if n > 0 and n >= min(min_backward, target):
+            return BackwardWindow(seq.seq_id, seq.backward_end - n, seq.backward_end, blocks)
+        if force and layers == 1:
+            n = min(seq.backward_end, max(1, n, self.config.min_finetune_tokens))
+            return BackwardWindow(seq.seq_id, seq.backward_end - n, seq.backward_end, blocks)
+        # A worthwhile window does not fit: run its top layers now and the rest in later iterations.
+        n = min(seq.backward_end, max(target, 4 * self.config.min_finetune_tokens))
+        k = self._layers_within(cost, n, budget)
+        if k >= layers:
+            return BackwardWindow(seq.seq_id, seq.backward_end - n, seq.backward_end, blocks)
+        if k < 1:
+            if not force:
+                return None
+            n, k = min(seq.backward_end, max(1, self.config.min_finetune_tokens)), 1
+        return BackwardWindow(seq.seq_id, seq.backward_end - n, seq.backward_end, blocks,
+                              layer_start=layers - k, layer_end=None, fraction=k / layers)
+
+    def _layers_within(self, cost: CostModel, num_tokens: int, budget: float) -> int:
+        per_layer = cost.backward_cost(num_tokens) / self.num_layers
+        return int(budget / per_layer) if per_layer > 0 else self.num_layers
 
     def _next_forward(self, job: _Job, planned: set[str]) -> TrainingSequence | None:
         """The next sequence needing forward work this iteration (one chunk per sequence)."""
@@ -215,7 +250,10 @@ class FinetunePlanner:
             seq = self.sequences.get(window.seq_id)
             if seq is None:
                 continue
-            seq.backward_end = window.start
+            if not window.finishes_window:        # upper layers done; the rest in later iterations
+                seq.window_start, seq.layer_top = window.start, window.layer_start
+                continue
+            seq.backward_end, seq.window_start, seq.layer_top = window.start, None, 0
             if seq.is_done:
                 self._release(seq)
                 job = self.jobs.get(seq.job_id)

@@ -49,7 +49,9 @@ class EngineStats:
             else:
                 kind = "decode" if seq.num_tokens == 1 and seq.start_position > 0 else "prefill"
             kinds[kind] += seq.num_tokens
-        kinds["finetune_backward"] += sum(w.num_tokens for w in scheduler_output.backward_windows)
+        # A layer window's tokens count once, when the piece reaching the first layer runs.
+        kinds["finetune_backward"] += sum(w.num_tokens for w in scheduler_output.backward_windows
+                                          if w.finishes_window)
         for kind, count in kinds.items():
             self.tokens_by_kind[kind] += count
         if (kinds["decode"] or kinds["prefill"]) and (kinds["finetune_forward"] or kinds["finetune_backward"]):

@@ -117,20 +117,32 @@ def layer_backward(layer, prefix: str, lora_of: LoRALookup, x: torch.Tensor, gra
 
 
 def sequence_backward_window(model, lora: TrainableLoRA, buffers: SequenceBuffers, kv_caches: list[LayerKVCache],
-                             slots: torch.Tensor, start: int, end: int) -> None:
-    """Backward of tokens [start, end) of one sequence through every layer, top-down.
+                             slots: torch.Tensor, start: int, end: int, layer_start: int = 0,
+                             layer_end: int | None = None) -> None:
+    """Backward of tokens [start, end) of one sequence through layers [layer_start, layer_end), top-down.
+
+    A window may run in layer pieces over several calls, top piece first (layer_end None), each
+    piece starting where the previous one stopped; the gradient between pieces waits in
+    `buffers.pending_grad`. Pieces of one window must finish before the next window starts.
 
     Args:
         slots: [>= end] long, KV-cache slot of each position of the sequence.
     """
-    buffers.start_backward(first_window_start=start)
+    layers = model.model.layers
+    top = len(layers) if layer_end is None else layer_end
+    if layer_end is None:
+        buffers.start_backward(first_window_start=start)
+        grad = buffers.grad_final[start:end]
+    else:
+        grad = buffers.pending_grad
+        if grad is None or grad.shape[0] != end - start:
+            raise RuntimeError(f"layer piece [{layer_start}, {layer_end}) of tokens [{start}, {end}) has no "
+                               "gradient from the piece above it")
     positions = torch.arange(start, end, device=slots.device)
     dtype = buffers.layer_inputs.dtype
     cos, sin = model.rotary(positions, dtype)
-    grad = buffers.grad_final[start:end]
     past_slots = slots[:start]
-    layers = model.model.layers
-    for index in reversed(range(len(layers))):
+    for index in reversed(range(layer_start, top)):
         cache = kv_caches[index]
         kv_heads, head_dim = cache.key.shape[2], cache.key.shape[3]
         key_past = cache.key.view(-1, kv_heads, head_dim).index_select(0, past_slots)
@@ -143,3 +155,4 @@ def sequence_backward_window(model, lora: TrainableLoRA, buffers: SequenceBuffer
             buffers.grad_key[index, :start] += grad_key_past
             buffers.grad_value[index, :start] += grad_value_past
         grad = grad_x
+    buffers.pending_grad = grad if layer_start > 0 else None

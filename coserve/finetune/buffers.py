@@ -29,6 +29,8 @@ class SequenceBuffers:
         self._kv_grad_shape = (num_layers, length, num_kv_heads, head_dim)
         self.grad_key: torch.Tensor | None = None    # [layers, length, kv_heads, head_dim]
         self.grad_value: torch.Tensor | None = None
+        # Between the pieces of a layer window: the gradient at the input of the last layer done.
+        self.pending_grad: torch.Tensor | None = None
 
     def start_backward(self, first_window_start: int) -> None:
         """Allocate dK/dV accumulators for tokens [0, first_window_start), once."""
@@ -52,4 +54,6 @@ class SequenceBuffers:
         held = [self.layer_inputs, self.grad_final, self.targets]
         if self.grad_key is not None:
             held += [self.grad_key, self.grad_value]
+        if self.pending_grad is not None:
+            held.append(self.pending_grad)
         return sum(t.untyped_storage().nbytes() for t in held)

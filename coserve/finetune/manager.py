@@ -161,8 +161,9 @@ class FinetuneManager:
                 continue
             seq = self.planner.sequences.get(window.seq_id)
             try:
-                self.executor.backward(window.seq_id, window.start, window.end, window.block_ids)
-                if seq is not None and window.end == seq.length:
+                self.executor.backward(window.seq_id, window.start, window.end, window.block_ids,
+                                       window.layer_start, window.layer_end)
+                if seq is not None and window.end == seq.length and window.layer_end is None:
                     # The first window allocated the accumulators: this is the sequence's peak.
                     self._measure_saved_bytes(window.seq_id, seq.length)
             except Exception as exc:

@@ -194,3 +194,34 @@ def test_a_job_starved_by_inference_still_finishes_and_overruns_rarely():
     gaps = [b - a for a, b in zip([-1] + with_backward, with_backward)]
     assert min(gaps) >= scheduler.config.finetune_starvation_iterations
     assert all(inference_tokens(outputs[i]) == 4 for i in with_backward)   # inference kept its share
+
+
+def test_windows_too_big_for_an_iteration_run_in_layer_pieces_top_down():
+    scheduler = make(budget=64, min_tokens=4, num_blocks=400)
+    scheduler.finetune.num_layers = 8
+    # A backward window's fixed cost alone (40 ms) is twice the limit: only layer pieces fit.
+    cost = CostModel(0.001, 0.0001, 0.040, 0.001)
+    scheduler.set_budget(cost, 0.020)
+    seqs = add_job(scheduler, lengths=(40,), in_flight=1)
+    outputs = run(scheduler)
+    assert {s.seq_id for s in scheduler.finetune.pop_completed()} == {seqs[0].seq_id}
+    pieces = [w for out in outputs for w in out.backward_windows]
+    assert pieces and all(w.fraction < 1 for w in pieces)
+    done_tokens, top, window = [], None, None
+    for piece in pieces:
+        if piece.layer_end is None:                    # a window's first piece starts at the top layer
+            assert top is None
+            window, top = (piece.start, piece.end), 8
+        assert (piece.start, piece.end) == window and (piece.layer_end or 8) == top
+        assert piece.fraction == pytest.approx((top - piece.layer_start) / 8)
+        top = piece.layer_start
+        if top == 0:
+            done_tokens.append(window)
+            top = None
+    assert top is None
+    # Token windows go in reverse order and cover every token once.
+    assert [end for _, end in done_tokens] == sorted((end for _, end in done_tokens), reverse=True)
+    assert sum(end - start for start, end in done_tokens) == 40 and done_tokens[-1][0] == 0
+    for out in outputs:
+        forward = sum(s.num_tokens for s in out.sequences)
+        assert cost.predict(forward, [(w.num_tokens, w.fraction) for w in out.backward_windows]) <= 0.020 + 1e-12

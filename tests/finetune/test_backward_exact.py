@@ -116,8 +116,12 @@ def _make_sequences(vocab, lengths, seed):
     return seqs
 
 
-@pytest.mark.parametrize("chunk,window", [(5, 3), (7, 13), (64, 64)])
-def test_chunked_forward_and_windowed_backward_equal_full_sequence(tiny_model_dir, tmp_path, chunk, window):
+@pytest.mark.parametrize("chunk,window,layers_per_piece", [(5, 3, None), (7, 13, None), (64, 64, None),
+                                                           (7, 13, 1), (5, 9, 2)])
+def test_chunked_forward_and_windowed_backward_equal_full_sequence(tiny_model_dir, tmp_path, chunk, window,
+                                                                    layers_per_piece):
+    """layers_per_piece: run each token window as layer windows of that many layers, top-down,
+    one call each (as the planner does when a whole window does not fit an iteration)."""
     adapter_dir = make_peft_adapter_dir(tiny_model_dir, tmp_path / "adapter", seed=1, r=4, lora_alpha=8,
                                         target_modules="all-linear")
     trainer = _ChunkedTrainer(tiny_model_dir, adapter_dir, max_len=64)
@@ -146,9 +150,17 @@ def test_chunked_forward_and_windowed_backward_equal_full_sequence(tiny_model_di
         loss_sum += sum(v.loss_sum for v in losses.values())
     for sid, tokens in tokens_of.items():
         end = len(tokens)
+        num_layers = trainer.model.config.num_hidden_layers
         while end > 0:
             start = max(0, end - window)
-            trainer.executor.backward(sid, start, end, trainer.tables[sid])
+            if layers_per_piece is None:
+                trainer.executor.backward(sid, start, end, trainer.tables[sid])
+            else:
+                top = None
+                while top != 0:
+                    bottom = max(0, (num_layers if top is None else top) - layers_per_piece)
+                    trainer.executor.backward(sid, start, end, trainer.tables[sid], bottom, top)
+                    top = bottom
             end = start
 
     assert loss_sum == pytest.approx(ref_loss, rel=1e-9)
