@@ -40,9 +40,10 @@ class SchedulerConfig:
     """Most of the KV blocks finetuning sequences may hold."""
     min_finetune_tokens: int = 16
     """Smallest finetuning chunk or window worth scheduling (unless less work is left)."""
-    finetune_starvation_iterations: int = 32
-    """A finetuning job that got no budget for this many iterations in a row gets one
-    `min_finetune_tokens` piece anyway (so it always finishes; at most one iteration in this many overruns)."""
+    finetune_starvation_iterations: int = 256
+    """A finetuning job that got no budget for this many iterations in a row gets one small piece
+    anyway (so it always finishes; at most one iteration in this many overruns). A safety net:
+    layer windows and the calibrated profile normally leave some room long before."""
 
     def __post_init__(self) -> None:
         _check(_is_positive_int(self.max_num_batched_tokens),

@@ -16,10 +16,10 @@ from coserve.sampling_params import SamplingParams
 
 
 def make(budget=64, num_blocks=200, block_size=4, sharing="coserve", turn=32, max_loras=8, kv_fraction=0.5,
-         min_tokens=4):
+         min_tokens=4, starvation=256):
     config = SchedulerConfig(max_num_batched_tokens=budget, max_loras=max_loras, sharing=sharing,
                              temporal_turn_tokens=turn, finetune_kv_fraction=kv_fraction,
-                             min_finetune_tokens=min_tokens)
+                             min_finetune_tokens=min_tokens, finetune_starvation_iterations=starvation)
     return Scheduler(config, BlockManager(num_blocks, block_size))
 
 
@@ -174,7 +174,7 @@ def test_cost_model_learns_measured_latency_online():
 
 
 def test_a_job_starved_by_inference_still_finishes_and_overruns_rarely():
-    scheduler = make(budget=64, min_tokens=4, num_blocks=400)
+    scheduler = make(budget=64, min_tokens=4, num_blocks=400, starvation=32)
     # Four decodes fit the limit with little room left, and a backward window alone never fits.
     scheduler.set_budget(CostModel(0.010, 0.001, 0.050, 0.002), 0.016)
     seqs = add_job(scheduler, lengths=(12,), in_flight=1)
