@@ -207,30 +207,8 @@ def _run_local(args: argparse.Namespace, engine_kwargs: dict, adapters: dict[str
         return _fail("serve", exc, EXIT_USAGE)
     except Exception as exc:
         return _fail("serve", exc, EXIT_FAILED)
-    server = None
-    try:
-        for adapter, path in adapters.items():
-            try:
-                backend.load_adapter(adapter, path)
-            except (ValueError, KeyError, OSError) as exc:
-                return _fail("serve", f"adapter {adapter!r} from {path}: {exc}", EXIT_USAGE)
-        try:
-            server = _start_http(backend, settings, adapters, sock)
-        except Exception as exc:
-            return _fail("serve", f"the HTTP server did not start: {exc}", EXIT_FAILED)
-        if not stop.requested:
-            loaded = f"; adapters: {', '.join(sorted(adapters))}" if adapters else ""
-            _say(f"coserve local engine ready on {backend.llm.engine.device}{loaded}; "
-                 f"model {settings.model_id!r} at {server.url}/v1")
-        while not stop.wait(3600.0):
-            pass
-        _say(f"coserve local engine: {stop.name} received, shutting down")
-        return EXIT_OK
-    finally:
-        if server is not None:
-            server.stop()
-        backend.shutdown()
-        _say("coserve local engine stopped")
+    return _serve_backend(backend, adapters, stop, settings, sock, "coserve local engine",
+                          lambda: f"ready on {backend.llm.engine.device}")
 
 
 def _run_deployment(args: argparse.Namespace, engine_kwargs: dict, adapters: dict[str, str],
@@ -248,37 +226,52 @@ def _run_deployment(args: argparse.Namespace, engine_kwargs: dict, adapters: dic
         return _fail("serve", exc, EXIT_USAGE)
     except Exception as exc:
         return _fail("serve", exc, EXIT_FAILED)
+    try:
+        backend = ClusterBackend(dep, args.model, max_model_len=engine_kwargs.get("max_model_len"))
+    except Exception as exc:
+        dep.shutdown()
+        return _fail("serve", f"the HTTP server did not start: {exc}", EXIT_FAILED)
+
+    def ready() -> str:
+        workers = dep.workers()
+        placed = ", ".join(f"{w['name']} on {w['device']}" for w in workers)
+        return f"ready: {len(workers)} worker(s) [{placed}]"
+
+    return _serve_backend(backend, adapters, stop, settings, sock, f"coserve deployment {args.name!r}", ready)
+
+
+def _serve_backend(backend, adapters: dict[str, str], stop: "_StopSignals", settings, sock, label: str,
+                   ready) -> int:
+    """Load --lora-modules, start HTTP, print the ready line, serve until a signal, then stop both.
+
+    NOTE: the HTTP server starts before the ready line (so the line means requests are accepted) and
+    stops before the backend, so no request reaches engines that are going away.
+    """
     server = None
     try:
         for adapter, path in adapters.items():
             if stop.requested:
                 break
             try:
-                dep.load_adapter(adapter, path)
+                backend.load_adapter(adapter, path)
             except (ValueError, KeyError, OSError) as exc:
                 return _fail("serve", f"adapter {adapter!r} from {path}: {exc}", EXIT_USAGE)
         if not stop.requested:
-            # The HTTP front end starts before the ready line, so the line means requests are accepted.
             try:
-                backend = ClusterBackend(dep, args.model, max_model_len=engine_kwargs.get("max_model_len"))
                 server = _start_http(backend, settings, adapters, sock)
             except Exception as exc:
                 return _fail("serve", f"the HTTP server did not start: {exc}", EXIT_FAILED)
-            workers = dep.workers()
-            placed = ", ".join(f"{w['name']} on {w['device']}" for w in workers)
             loaded = f"; adapters: {', '.join(sorted(adapters))}" if adapters else ""
-            _say(f"coserve deployment {args.name!r} ready: {len(workers)} worker(s) [{placed}]{loaded}; "
-                 f"model {settings.model_id!r} at {server.url}/v1")
+            _say(f"{label} {ready()}{loaded}; model {settings.model_id!r} at {server.url}/v1")
         while not stop.wait(3600.0):
             pass
-        _say(f"coserve deployment {args.name!r}: {stop.name} received, shutting down")
+        _say(f"{label}: {stop.name} received, shutting down")
         return EXIT_OK
     finally:
-        # NOTE: the HTTP server stops first, so no request reaches a deployment that is going away.
         if server is not None:
             server.stop()
-        dep.shutdown()
-        _say(f"coserve deployment {args.name!r} stopped")
+        backend.shutdown()
+        _say(f"{label} stopped")
 
 
 def _parse_lora_modules(items: list[str]) -> dict[str, str]:
