@@ -3,7 +3,8 @@
 With `tpot_slo_ms`, the engine profiles iteration latency at start-up (or
 loads the saved profile named by `latency_profile`); inference is scheduled as
 in an inference-only engine and finetuning is added only while the
-iteration's predicted latency stays under the SLO. Without an SLO the budget
+iteration's predicted latency stays under the SLO (the prediction is refitted
+online from measured iterations, see `cost_model.py`). Without an SLO the budget
 is `max_num_batched_tokens` forward tokens, a backward token counting as
 several (`DEFAULT_BACKWARD_TOKEN_RATIO`).
 """
@@ -15,7 +16,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 
-from coserve.engine.cost_model import MAX_SCALE, MIN_SCALE, CostModel
+from coserve.engine.cost_model import MAX_SCALE, MIN_SCALE, CostModel, IterationShape
 from coserve.engine.profiler import measure_scale, profile_latency
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,8 @@ class Budget:
                 "inference_token_budget": scheduler.inference_token_budget,
                 "max_forward_tokens": self.cost_model.max_forward_tokens(self.limit),
                 "max_backward_tokens": self.cost_model.max_backward_tokens(self.limit),
-                "sharing": scheduler.config.sharing, "latency_scale": self.cost_model.scale}
+                "sharing": scheduler.config.sharing, "latency_scale": self.cost_model.scale,
+                "coefficients": self.cost_model.as_dict_ms(), "margin": self.cost_model.margin}
 
 
 def configure_budget(engine) -> Budget:
@@ -55,7 +57,7 @@ def configure_budget(engine) -> Budget:
         if budget.cost_model.max_forward_tokens(budget.limit) < 1:
             logger.warning("tpot_slo_ms=%s is below the latency of a one-token iteration (%.1f ms); "
                            "inference runs one token per iteration and finetuning gets no budget",
-                           config.tpot_slo_ms, 1e3 * budget.cost_model.forward_cost(1))
+                           config.tpot_slo_ms, 1e3 * budget.cost_model.predict(IterationShape(prefill_tokens=1)))
     engine.scheduler.set_budget(budget.cost_model, budget.limit)
     return budget
 

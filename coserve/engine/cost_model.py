@@ -1,27 +1,81 @@
-"""Predicted iteration latency from token counts by kind, and the budget it implies.
+"""Predicted iteration latency from what the iteration holds, and the budget it implies.
 
-A linear model fitted to measurements (`coserve/engine/profiler.py`): an
-iteration with forward tokens costs `forward_base + forward_per_token * n`,
-and each backward window adds `backward_base + backward_per_token * n`.
-Without an SLO the same model is used in token units (a forward token costs 1,
-a backward token its measured ratio), with `max_num_batched_tokens` as limit.
-With an SLO, `observe` corrects the profile online: every iteration's measured
-latency updates `scale`, the factor between measured and profiled cost, rising
-fast and falling slowly, so a profile taken under other conditions (decode-heavy
-batches, another process on the cores) cannot make iterations overrun the SLO
-for long. Pure Python: the scheduler plans with it and tests build it by hand.
+An iteration's cost is linear in its features (`IterationShape.features`): a
+fixed cost, decode tokens, prefill tokens, finetuning forward tokens (these
+also pay the vocabulary projection and its gradient), backward tokens and
+backward windows (a layer window counts its share of the layers), and the
+adapters it touches (each adapter's weights are read once per layer). The
+start-up profile (`coserve/engine/profiler.py`) gives the prior coefficients;
+with an SLO, `observe` refits them after every iteration from measured
+latencies (`LatencyFit`), so decode-heavy batches, another process on the
+cores, or a profile from another machine are corrected within a few dozen
+iterations. `margin` (half the recent prediction error's spread) is kept free
+below the limit. Without an SLO the same model runs in token units (every
+forward token costs 1, a backward token its ratio) and learns nothing. Pure
+Python: the scheduler plans with it and tests build it by hand.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
+
+from coserve.engine.latency_fit import LatencyFit
 
 # A backward token recomputes the layer forward and runs its backward, but a forward token of
 # finetuning also pays the vocabulary projection's forward and gradient: measured on bench-small,
 # a backward token costs about 1.0 to 1.5 forward tokens.
 DEFAULT_BACKWARD_TOKEN_RATIO = 1.5
 MIN_SCALE, MAX_SCALE = 1.0 / 16, 16.0
-"""How far measured latency may be from the profile: a profile taken while other work shared the
+"""How far a loaded profile's start-up rescaling may go: a profile taken while other work shared the
 cores can be many times too slow, and one taken on an idle machine too fast under load."""
+
+FEATURES = ("iteration", "decode_token", "prefill_token", "train_token", "backward_token", "backward_window",
+            "adapter")
+FEATURE_SCALES = (1.0, 8.0, 64.0, 32.0, 32.0, 1.0, 4.0)
+"""Typical size of each feature in one iteration: the ridge prior is set in these units."""
+MARGIN_SIGMAS = 0.5
+"""Headroom kept below the limit, in recent prediction-error standard deviations. The SLO bounds a
+request's mean time per token, so the predictions must be right on average; the margin only absorbs
+part of the spread."""
+
+
+@dataclass(frozen=True)
+class IterationShape:
+    """What one iteration holds, as the cost model sees it."""
+
+    decode_tokens: int = 0
+    prefill_tokens: int = 0
+    train_tokens: int = 0
+    """Finetuning forward tokens."""
+    backward_windows: tuple[tuple[int, float], ...] = ()
+    """(tokens, share of the layers) per backward window or layer window."""
+    num_adapters: int = 0
+    """Distinct adapters of the forward's rows."""
+
+    @classmethod
+    def of(cls, output) -> "IterationShape":
+        """The shape of a SchedulerOutput (a one-token inference row counts as a decode)."""
+        decode = prefill = train = 0
+        adapters = set()
+        for seq in output.sequences:
+            if seq.is_training:
+                train += seq.num_tokens
+            elif seq.num_tokens == 1:
+                decode += 1
+            else:
+                prefill += seq.num_tokens
+            if seq.adapter is not None:
+                adapters.add(seq.adapter)
+        windows = tuple((w.num_tokens, w.fraction) for w in output.backward_windows)
+        return cls(decode, prefill, train, windows, len(adapters))
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.decode_tokens or self.prefill_tokens or self.train_tokens or self.backward_windows)
+
+    def features(self) -> list[float]:
+        return [0.0 if self.is_empty else 1.0, float(self.decode_tokens), float(self.prefill_tokens),
+                float(self.train_tokens), float(sum(f * n for n, f in self.backward_windows)),
+                float(sum(f for _, f in self.backward_windows)), float(self.num_adapters)]
 
 
 @dataclass
@@ -32,52 +86,113 @@ class CostModel:
     backward_per_token: float
     unit: str = "s"
     """"s" for a measured profile, "tokens" for the token-count model used without an SLO."""
+    train_forward_per_token: float | None = None
+    """Per-token cost of a finetuning forward token; None: as an inference token."""
     scale: float = 1.0
-    """Measured over profiled latency, learned online by `observe` (1.0 in token units)."""
+    """Factor applied to the profile before any iteration is observed (a loaded profile is rescaled
+    by one measured forward at start-up)."""
+    fit: LatencyFit | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.forward_per_token <= 0 or self.backward_per_token <= 0:
+            raise ValueError("per-token costs must be positive")
+        if self.train_forward_per_token is not None and self.train_forward_per_token <= 0:
             raise ValueError("per-token costs must be positive")
 
     @classmethod
     def token_units(cls, backward_token_ratio: float = DEFAULT_BACKWARD_TOKEN_RATIO) -> "CostModel":
         return cls(0.0, 1.0, 0.0, backward_token_ratio, unit="tokens")
 
-    def forward_cost(self, num_tokens: int) -> float:
-        return self.scale * (self.forward_base + self.forward_per_token * num_tokens) if num_tokens else 0.0
+    # ---- coefficients -------------------------------------------------------------------------
+
+    def prior(self) -> list[float]:
+        """The profile's coefficients, in FEATURES order, times `scale`."""
+        train = self.train_forward_per_token or self.forward_per_token
+        raw = [self.forward_base, self.forward_per_token, self.forward_per_token, train,
+               self.backward_per_token, self.backward_base, 0.0]
+        return [self.scale * c for c in raw]
+
+    @property
+    def coefficients(self) -> list[float]:
+        """Current coefficients: the online fit's (per-token costs kept at >= a quarter of the
+        profile's, so a noisy fit can never make work look free), or the prior."""
+        prior = self.prior()
+        if self.fit is None or self.fit.num_observations == 0:
+            return prior
+        fitted = self.fit.coefficients
+        return [max(f, 0.25 * p) if p > 0 else max(f, 0.0) for f, p in zip(fitted, prior)]
+
+    def as_dict_ms(self) -> dict[str, float]:
+        """Current coefficients by feature name, in ms (seconds models) or tokens."""
+        factor = 1e3 if self.unit == "s" else 1.0
+        return {name: round(factor * c, 4) for name, c in zip(FEATURES, self.coefficients)}
+
+    @property
+    def margin(self) -> float:
+        """Headroom the planner keeps below the limit (seconds models that have observed iterations)."""
+        if self.fit is None:
+            return 0.0
+        return MARGIN_SIGMAS * self.fit.residual_std
+
+    # ---- costs --------------------------------------------------------------------------------
+
+    def predict(self, shape: IterationShape) -> float:
+        return sum(c * x for c, x in zip(self.coefficients, shape.features()))
+
+    @property
+    def iteration_base(self) -> float:
+        return self.coefficients[0]
+
+    @property
+    def adapter_cost(self) -> float:
+        return self.coefficients[6]
+
+    def train_forward_cost(self, num_tokens: int) -> float:
+        """Marginal cost of `num_tokens` finetuning forward tokens (fixed and adapter costs apart)."""
+        return self.coefficients[3] * num_tokens
 
     def backward_cost(self, num_tokens: int) -> float:
-        return self.scale * (self.backward_base + self.backward_per_token * num_tokens) if num_tokens else 0.0
-
-    def predict(self, num_forward_tokens: int, backward_windows: list = ()) -> float:
-        """backward_windows: token counts, or (tokens, share of the layers) for layer windows."""
-        return self.forward_cost(num_forward_tokens) + sum(
-            w[1] * self.backward_cost(w[0]) if isinstance(w, tuple) else self.backward_cost(w) for w in backward_windows)
+        """A whole window's marginal cost through every layer (a layer window pays its share)."""
+        c = self.coefficients
+        return c[5] + c[4] * num_tokens if num_tokens else 0.0
 
     def max_forward_tokens(self, limit: float) -> int:
-        """Most forward tokens an iteration may hold and stay within `limit`."""
-        return max(0, int((limit / self.scale - self.forward_base) / self.forward_per_token))
+        """Most prefill tokens an iteration may hold and stay within `limit`."""
+        c = self.coefficients
+        return max(0, int((limit - c[0]) / c[2]))
+
+    def max_train_tokens(self, budget: float) -> int:
+        """Most finetuning forward tokens `budget` pays for (marginal cost only)."""
+        return max(0, int(budget / self.coefficients[3]))
 
     def max_backward_tokens(self, limit: float) -> int:
-        """Most tokens one backward window may hold within `limit`."""
-        return max(0, int((limit / self.scale - self.backward_base) / self.backward_per_token))
+        """Most tokens one whole window may hold within `limit` (the window alone in its iteration)."""
+        c = self.coefficients
+        return max(0, int((limit - c[0] - c[5]) / c[4]))
 
-    def observe(self, num_forward_tokens: int, backward_windows: list, seconds: float) -> None:
-        """Fold one measured iteration into `scale` (seconds models only)."""
-        if self.unit != "s":
+    # ---- learning -----------------------------------------------------------------------------
+
+    def observe(self, shape: IterationShape, seconds: float) -> None:
+        """Fold one measured iteration into the fit (seconds models only)."""
+        if self.unit != "s" or shape.is_empty:
             return
-        profiled = self.predict(num_forward_tokens, backward_windows) / self.scale
-        if profiled <= 0:
-            return
-        ratio = min(MAX_SCALE, max(MIN_SCALE, seconds / profiled))
-        # Up quickly (an overrun costs SLO misses), down slowly (one fast iteration proves little).
-        weight = 0.5 if ratio > self.scale else 0.05
-        self.scale += weight * (ratio - self.scale)
+        if self.fit is None:
+            self.fit = LatencyFit(self.prior(), FEATURE_SCALES)
+        self.fit.observe(shape.features(), seconds)
+
+    # ---- persistence --------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
-        return asdict(self)   # the profile; `scale` is shown, never loaded back
+        """The profile (the prior): the fit is live state and never saved."""
+        raw = {"forward_base": self.forward_base, "forward_per_token": self.forward_per_token,
+               "backward_base": self.backward_base, "backward_per_token": self.backward_per_token,
+               "unit": self.unit, "scale": self.scale}
+        if self.train_forward_per_token is not None:
+            raw["train_forward_per_token"] = self.train_forward_per_token
+        return raw
 
     @classmethod
     def from_dict(cls, raw: dict) -> "CostModel":
         return cls(**{k: raw[k] for k in ("forward_base", "forward_per_token", "backward_base",
-                                          "backward_per_token")}, unit=raw.get("unit", "s"))
+                                          "backward_per_token")}, unit=raw.get("unit", "s"),
+                   train_forward_per_token=raw.get("train_forward_per_token"))

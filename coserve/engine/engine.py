@@ -15,6 +15,7 @@ import time
 from coserve.config import EngineConfig, FinetuneConfig
 from coserve.engine.adapter_manager import AdapterManager, UnknownAdapterError
 from coserve.engine.budget import configure_budget
+from coserve.engine.cost_model import IterationShape
 from coserve.engine.detokenizer import IncrementalDetokenizer
 from coserve.engine.kv_cache import BlockManager
 from coserve.engine.outputs import RunnerOutput
@@ -145,8 +146,7 @@ class Engine:
             self.finetune.after_iteration(scheduler_output, runner_output)
             seconds = time.perf_counter() - start
             self.stats.record_iteration(scheduler_output, seconds)
-            self.scheduler.cost_model.observe(sum(s.num_tokens for s in scheduler_output.sequences),
-                                              [(w.num_tokens, w.fraction) for w in scheduler_output.backward_windows], seconds)
+            self.scheduler.cost_model.observe(IterationShape.of(scheduler_output), seconds)
         finished += self._check_stop_strings(scheduler_output)
         for request in finished:
             self._finalize(request)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 
 from coserve.config import SchedulerConfig
-from coserve.engine.cost_model import CostModel
+from coserve.engine.cost_model import CostModel, IterationShape
 from coserve.engine.kv_cache import BlockManager
 from coserve.engine.outputs import ScheduledSequence, SchedulerOutput
 from coserve.engine.training_sequence import BackwardWindow, TrainingSequence
@@ -88,9 +88,9 @@ class FinetunePlanner:
 
     # ---- planning -----------------------------------------------------------------------------
 
-    def plan(self, cost: CostModel, limit: float, num_inference_tokens: int,
+    def plan(self, cost: CostModel, limit: float, inference: IterationShape = IterationShape(),
              adapters_in_use: set[str] = frozenset()) -> tuple[list[ScheduledSequence], list[BackwardWindow]]:
-        """Chunks and windows that fit in `limit` after `num_inference_tokens` forward tokens.
+        """Chunks and windows that fit in `limit` after this iteration's inference rows (`inference`).
 
         `adapters_in_use`: adapters of this iteration's inference rows; a job whose adapter
         would exceed max_loras runs only backward windows this time (they need no slot).
@@ -100,8 +100,9 @@ class FinetunePlanner:
         active = [job_id for job_id, job in self.jobs.items() if job.pending or job.admitted]
         if not active:
             return chunks, windows
-        state = {"forward": num_inference_tokens, "left": limit - cost.predict(num_inference_tokens), "limit": limit,
-                 "planned": set(), "adapters": set(adapters_in_use)}
+        num_inference = inference.decode_tokens + inference.prefill_tokens
+        state = {"forward": num_inference, "left": limit - cost.margin - cost.predict(inference), "limit": limit,
+                 "base_paid": not inference.is_empty, "planned": set(), "adapters": set(adapters_in_use)}
         for index, job_id in enumerate(active):
             share = state["left"] / (len(active) - index)
             planned_before = len(chunks) + len(windows)
@@ -126,16 +127,18 @@ class FinetunePlanner:
         starving = job.waited >= self.config.finetune_starvation_iterations
         took = False
         min_backward = max(1, min(self.config.min_finetune_tokens, cost.max_backward_tokens(state["limit"])))
-        min_forward = max(1, min(self.config.min_finetune_tokens, cost.max_forward_tokens(state["limit"])))
+        min_forward = max(1, min(self.config.min_finetune_tokens, cost.max_train_tokens(state["limit"])))
         for seq in job.admitted:
             if not seq.is_forward_done or seq.backward_end == 0:
                 continue
             force = (idle and not windows) or (starving and not took)
-            window = self._plan_window(seq, cost, share - spent, state["limit"], min_backward, force)
+            base = 0.0 if state["base_paid"] else cost.iteration_base
+            window = self._plan_window(seq, cost, share - spent - base, state["limit"], min_backward, force)
             if window is None:
                 continue
             windows.append(window)
-            spent += window.fraction * cost.backward_cost(window.num_tokens)
+            spent += base + window.fraction * cost.backward_cost(window.num_tokens)
+            state["base_paid"] = True
             took = True
         planned: set[str] = state["planned"]
         adapters: set[str] = state["adapters"]
@@ -146,7 +149,9 @@ class FinetunePlanner:
             if seq is None:
                 break
             remaining = seq.length - seq.num_forward_done
-            n = min(remaining, self._max_forward(cost, share - spent, state["forward"]))
+            extra = (0.0 if state["base_paid"] else cost.iteration_base) + (
+                0.0 if job.adapter in adapters else cost.adapter_cost)
+            n = min(remaining, cost.max_train_tokens(share - spent - extra))
             if idle and not windows and state["forward"] == 0:
                 n = max(n, 1)
             elif starving and not took:
@@ -160,8 +165,9 @@ class FinetunePlanner:
                 request_id=seq.seq_id, token_ids=seq.token_ids[start:start + n], start_position=start,
                 block_ids=self.block_manager.block_ids(seq.seq_id), adapter=seq.adapter, needs_sample=False,
                 is_training=True))
-            spent += cost.forward_cost(state["forward"] + n) - cost.forward_cost(state["forward"])
+            spent += extra + cost.train_forward_cost(n)
             state["forward"] += n
+            state["base_paid"] = True
             planned.add(seq.seq_id)
             adapters.add(job.adapter)
             took = True
@@ -213,11 +219,6 @@ class FinetunePlanner:
         if job.pending and len(job.admitted) < job.max_in_flight:
             return job.pending[0]
         return None
-
-    @staticmethod
-    def _max_forward(cost: CostModel, budget: float, num_forward_so_far: int) -> int:
-        base = cost.forward_base if num_forward_so_far == 0 else 0.0
-        return max(0, int((budget - base) / cost.forward_per_token))
 
     def _block_cap(self) -> int:
         return max(1, int(self.config.finetune_kv_fraction * self.block_manager.num_blocks))

@@ -16,7 +16,7 @@ import time
 from collections import deque
 
 from coserve.config import SchedulerConfig
-from coserve.engine.cost_model import CostModel
+from coserve.engine.cost_model import CostModel, IterationShape
 from coserve.engine.finetune_planner import FinetunePlanner
 from coserve.engine.kv_cache import BlockManager
 from coserve.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
@@ -117,9 +117,8 @@ class Scheduler:
         if self.config.sharing == "temporal":
             return self._schedule_temporal()
         output = self._schedule_inference()
-        num_inference_tokens = output.num_scheduled_tokens
         adapters = {s.adapter for s in output.sequences if s.adapter is not None}
-        chunks, windows = self.finetune.plan(self.cost_model, self.limit, num_inference_tokens, adapters)
+        chunks, windows = self.finetune.plan(self.cost_model, self.limit, IterationShape.of(output), adapters)
         output.sequences += chunks
         output.backward_windows = windows
         return output
@@ -131,7 +130,7 @@ class Scheduler:
         if not finetune_turn:
             return self._schedule_inference()
         # In a turn, forward and backward tokens count alike: K tokens of finetuning work.
-        chunks, windows = self.finetune.plan(CostModel.token_units(1.0), self.config.temporal_turn_tokens, 0)
+        chunks, windows = self.finetune.plan(CostModel.token_units(1.0), self.config.temporal_turn_tokens)
         return SchedulerOutput(sequences=chunks, backward_windows=windows)
 
     def _schedule_inference(self) -> SchedulerOutput:

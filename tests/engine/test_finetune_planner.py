@@ -3,10 +3,12 @@
 Iterations are simulated with plain runner outputs (a sampled token for every
 inference sequence that asks for one); the checks are on the plans alone.
 """
+import random
+
 import pytest
 
 from coserve.config import SchedulerConfig
-from coserve.engine.cost_model import CostModel
+from coserve.engine.cost_model import CostModel, IterationShape
 from coserve.engine.kv_cache import BlockManager
 from coserve.engine.outputs import RunnerOutput
 from coserve.engine.request import Request
@@ -83,7 +85,7 @@ def test_inference_comes_first_and_the_cost_limit_holds():
     assert any(inference_tokens(o) and any(s.is_training for s in o.sequences) for o in outs)
     for out in outs:
         forward = sum(s.num_tokens for s in out.sequences)
-        predicted = cost.predict(forward, [w.num_tokens for w in out.backward_windows])
+        predicted = cost.predict(IterationShape.of(out))
         finetune = forward - inference_tokens(out) + sum(w.num_tokens for w in out.backward_windows)
         if finetune and inference_tokens(out):
             assert predicted <= 0.050 + 1e-12      # finetuning only fills what the SLO leaves
@@ -159,18 +161,46 @@ def test_every_job_finishes_under_any_budget(budget, min_tokens, with_inference)
     assert {s.seq_id for s in scheduler.finetune.pop_completed()} == {s.seq_id for s in seqs}
 
 
-def test_cost_model_learns_measured_latency_online():
+def test_cost_model_learns_each_kind_of_work_online():
+    # The profile says 10 ms + 1 ms per forward token; the machine really costs 20 ms per iteration,
+    # 3 ms per decode, 1 ms per prefill token, 2.5 ms per finetuning forward token and 2 ms per adapter.
     cost = CostModel(0.010, 0.001, 0.005, 0.002)
-    assert cost.max_forward_tokens(0.050) == 40
-    for _ in range(10):
-        cost.observe(40, [], seconds=0.100)           # iterations take twice the profiled time
-    assert cost.scale == pytest.approx(2.0, rel=0.01)
-    assert cost.max_forward_tokens(0.050) == 15       # (0.025 - 0.010) / 0.001
-    cost.observe(40, [], seconds=0.050)               # one fast iteration lowers it only a little
-    assert cost.scale > 1.9
+    assert cost.max_forward_tokens(0.050) == 40 and cost.margin == 0.0
+
+    def truth(shape):
+        return (0.020 + 0.003 * shape.decode_tokens + 0.001 * shape.prefill_tokens + 0.0025 * shape.train_tokens
+                + sum(f * (0.004 + 0.002 * n) for n, f in shape.backward_windows) + 0.002 * shape.num_adapters)
+
+    rng = random.Random(0)
+    for _ in range(300):
+        shape = IterationShape(decode_tokens=rng.randint(0, 16), prefill_tokens=rng.choice([0, 0, 32, 128]),
+                               train_tokens=rng.choice([0, 16, 64]),
+                               backward_windows=rng.choice([(), ((16, 1.0),), ((32, 0.25),)]),
+                               num_adapters=rng.randint(0, 4))
+        cost.observe(shape, truth(shape))
+    probe = IterationShape(decode_tokens=10, train_tokens=16, backward_windows=((24, 0.5),), num_adapters=3)
+    assert cost.predict(probe) == pytest.approx(truth(probe), rel=0.05)   # the prior pulls a little
+    assert cost.train_forward_cost(10) == pytest.approx(0.025, rel=0.05)
+    assert cost.margin < 0.001                          # noise-free: predictions are right
+    assert cost.max_forward_tokens(0.050) == pytest.approx(30, abs=1)   # (50 - 20) ms / 1 ms
     tokens = CostModel.token_units()
-    tokens.observe(40, [], seconds=1.0)
-    assert tokens.scale == 1.0                        # token budgets are not time
+    tokens.observe(IterationShape(prefill_tokens=40), seconds=1.0)
+    assert tokens.predict(IterationShape(prefill_tokens=40)) == 40   # token budgets are not time
+
+
+def test_the_planner_keeps_the_learned_margin_free():
+    cost = CostModel(0.010, 0.001, 0.005, 0.002)
+    rng = random.Random(1)
+    for _ in range(200):                               # noisy iterations: 10 ms spread around the profile
+        shape = IterationShape(prefill_tokens=rng.randint(1, 64))
+        cost.observe(shape, 0.010 + 0.001 * shape.prefill_tokens + rng.uniform(-0.01, 0.01))
+    assert 0.001 < cost.margin < 0.005
+    scheduler = make(budget=64)
+    scheduler.set_budget(cost, 0.050)
+    add_job(scheduler, lengths=(60,))
+    out = scheduler.schedule()
+    assert cost.predict(IterationShape.of(out)) <= 0.050 - cost.margin + 1e-12
+    assert cost.predict(IterationShape.of(out)) > 0.050 - cost.margin - 0.002   # and it fills the rest
 
 
 def test_a_job_starved_by_inference_still_finishes_and_overruns_rarely():
@@ -223,5 +253,4 @@ def test_windows_too_big_for_an_iteration_run_in_layer_pieces_top_down():
     assert [end for _, end in done_tokens] == sorted((end for _, end in done_tokens), reverse=True)
     assert sum(end - start for start, end in done_tokens) == 40 and done_tokens[-1][0] == 0
     for out in outputs:
-        forward = sum(s.num_tokens for s in out.sequences)
-        assert cost.predict(forward, [(w.num_tokens, w.fraction) for w in out.backward_windows]) <= 0.020 + 1e-12
+        assert cost.predict(IterationShape.of(out)) <= 0.020 + 1e-12

@@ -49,6 +49,7 @@ def test_layer_pieces_train_the_same_adapter_as_whole_windows(tiny_llama_dir, tm
     assert split.losses == pytest.approx(whole.losses, rel=1e-6)
     expected, actual = load_adapter(tmp_path / "whole").weights, load_adapter(tmp_path / "split").weights
     for module, (a, b) in expected.items():
-        # Same fp32 ops on the same rows; only the order of some fp32 sums may differ.
-        torch.testing.assert_close(actual[module][0], a, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(actual[module][1], b, rtol=1e-5, atol=1e-6)
+        # Same fp32 ops on the same rows; the token windows may be cut differently, so the order of
+        # some fp32 sums differs (and learning rate 5e-2 amplifies it over three steps).
+        torch.testing.assert_close(actual[module][0], a, rtol=1e-5, atol=2e-6)
+        torch.testing.assert_close(actual[module][1], b, rtol=1e-5, atol=2e-6)

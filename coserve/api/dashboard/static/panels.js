@@ -85,7 +85,7 @@ export function renderBudget(factsBox, plot, engine) {
     ["Inference", b.inference_token_budget === null || b.inference_token_budget === undefined ? "–" : fmtNum(b.inference_token_budget),
      "inference token budget per iteration"],
     ["Sharing", b.sharing ?? "–", "how finetuning shares iterations with inference"],
-    ["Latency scale", tokens ? "–" : `×${fmtNum(b.latency_scale, 2)}`, "measured over profiled latency, learned online"],
+    ["Margin", tokens ? "–" : `${fmtNum(1e3 * (b.margin || 0), 1)} ms`, "headroom kept below the limit: half the recent prediction error"],
     ["Tokens / iter", fmtNum(engine.mean_tokens_per_iteration), "mean tokens per iteration, recent iterations"],
   ];
   const html = facts.map(([k, v, help]) => `<div title="${esc(help)}"><dt>${k}</dt><dd>${esc(v)}</dd></div>`).join("");
@@ -93,21 +93,30 @@ export function renderBudget(factsBox, plot, engine) {
 
   const p = engine.latency_profile;
   if (!p) { plot.update({ series: [], refs: [], xDomain: [0, 1] }); return; }
-  // Predicted cost of an iteration of n tokens, in ms (seconds profile) or token units.
+  // Predicted cost of an iteration of n prefill tokens, or of a backward window of n tokens, in ms
+  // (seconds profile) or token units: the coefficients the engine learned online when it has them.
   const unitScale = tokens ? 1 : 1e3;
   const scale = tokens ? 1 : b.latency_scale || 1;
+  const c = b.coefficients;
   const measured = [...(p.points.forward || []), ...(p.points.backward || [])].map(([n]) => n);
   const xmax = Math.max(64, ...measured, Math.min(4 * Math.max(64, ...measured), 1.15 * (b.max_forward_tokens || 0)));
   const line = (base, per) => Array.from({ length: 41 }, (_, i) => {
     const n = Math.max(1, (xmax * i) / 40);
     return [n, unitScale * scale * (base + per * n)];
   });
+  // Learned coefficients are already in ms (or tokens): no unit or scale factor.
+  const learned = (base, per) => Array.from({ length: 41 }, (_, i) => {
+    const n = Math.max(1, (xmax * i) / 40);
+    return [n, base + per * n];
+  });
   const dots = (pts) => (pts || []).map(([n, s]) => [n, unitScale * s]);
   plot.update({
     xDomain: [0, xmax],
     series: [
-      { key: "fwd", label: "forward (predicted)", color: COLORS.decode, points: line(p.forward_base, p.forward_per_token), kind: "line" },
-      { key: "bwd", label: "backward window", color: COLORS.ftForward, points: line(p.backward_base, p.backward_per_token), kind: "line" },
+      { key: "fwd", label: "forward (predicted)", color: COLORS.decode, kind: "line",
+        points: c ? learned(c.iteration, c.prefill_token) : line(p.forward_base, p.forward_per_token) },
+      { key: "bwd", label: "backward window", color: COLORS.ftForward, kind: "line",
+        points: c ? learned(c.iteration + c.backward_window, c.backward_token) : line(p.backward_base, p.backward_per_token) },
       { key: "fwd-m", color: COLORS.decode, points: dots(p.points.forward), kind: "dots" },
       { key: "bwd-m", color: COLORS.ftForward, points: dots(p.points.backward), kind: "dots" },
     ],
