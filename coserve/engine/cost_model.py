@@ -1,9 +1,9 @@
 """Predicted iteration latency from what the iteration holds, and the budget it implies.
 
-An iteration's cost is linear in its features (`IterationShape.features`): a
+An iteration's cost is linear in its features (`CostModel.features`): a
 fixed cost, decode tokens, prefill tokens, finetuning forward tokens (these
-also pay the vocabulary projection and its gradient), backward tokens and
-backward windows (a layer window counts its share of the layers), and the
+also pay the vocabulary projection and its gradient), backward work (its
+profiled cost; a layer window counts its share of the layers), and the
 adapters it touches (each adapter's weights are read once per layer). The
 start-up profile (`coserve/engine/profiler.py`) gives the prior coefficients;
 with an SLO, `observe` refits them after every iteration from measured
@@ -28,10 +28,9 @@ MIN_SCALE, MAX_SCALE = 1.0 / 16, 16.0
 """How far a loaded profile's start-up rescaling may go: a profile taken while other work shared the
 cores can be many times too slow, and one taken on an idle machine too fast under load."""
 
-FEATURES = ("iteration", "decode_token", "prefill_token", "train_token", "backward_token", "backward_window",
-            "adapter")
-FEATURE_SCALES = (1.0, 8.0, 64.0, 32.0, 32.0, 1.0, 4.0)
-"""Typical size of each feature in one iteration: the ridge prior is set in these units."""
+FEATURES = ("iteration", "decode_token", "prefill_token", "train_token", "backward", "adapter")
+FEATURE_SCALES = (1.0, 8.0, 64.0, 32.0, 0.03, 4.0)
+"""Typical size of each feature in one iteration (seconds models): the ridge prior is set in these units."""
 MARGIN_SIGMAS = 0.5
 """Headroom kept below the limit, in recent prediction-error standard deviations. The SLO bounds a
 request's mean time per token, so the predictions must be right on average; the margin only absorbs
@@ -72,11 +71,6 @@ class IterationShape:
     def is_empty(self) -> bool:
         return not (self.decode_tokens or self.prefill_tokens or self.train_tokens or self.backward_windows)
 
-    def features(self) -> list[float]:
-        return [0.0 if self.is_empty else 1.0, float(self.decode_tokens), float(self.prefill_tokens),
-                float(self.train_tokens), float(sum(f * n for n, f in self.backward_windows)),
-                float(sum(f for _, f in self.backward_windows)), float(self.num_adapters)]
-
 
 @dataclass
 class CostModel:
@@ -105,11 +99,19 @@ class CostModel:
 
     # ---- coefficients -------------------------------------------------------------------------
 
+    def features(self, shape: IterationShape) -> list[float]:
+        """The iteration's features, in FEATURES order. Backward work enters as its profiled cost
+        (windows of the profile's shape: a fixed part and a per-token part), which the fit only
+        rescales: layer windows make per-window and per-token counts move together, too close
+        to tell apart online."""
+        backward = sum(f * (self.backward_base + self.backward_per_token * n) for n, f in shape.backward_windows)
+        return [0.0 if shape.is_empty else 1.0, float(shape.decode_tokens), float(shape.prefill_tokens),
+                float(shape.train_tokens), float(backward), float(shape.num_adapters)]
+
     def prior(self) -> list[float]:
         """The profile's coefficients, in FEATURES order, times `scale`."""
         train = self.train_forward_per_token or self.forward_per_token
-        raw = [self.forward_base, self.forward_per_token, self.forward_per_token, train,
-               self.backward_per_token, self.backward_base, 0.0]
+        raw = [self.forward_base, self.forward_per_token, self.forward_per_token, train, 1.0, 0.0]
         return [self.scale * c for c in raw]
 
     @property
@@ -123,9 +125,10 @@ class CostModel:
         return [max(f, 0.25 * p) if p > 0 else max(f, 0.0) for f, p in zip(fitted, prior)]
 
     def as_dict_ms(self) -> dict[str, float]:
-        """Current coefficients by feature name, in ms (seconds models) or tokens."""
+        """Current coefficients by feature name, in ms (seconds models) or tokens; `backward` is a
+        factor on the profiled backward cost."""
         factor = 1e3 if self.unit == "s" else 1.0
-        return {name: round(factor * c, 4) for name, c in zip(FEATURES, self.coefficients)}
+        return {name: round(c if name == "backward" else factor * c, 4) for name, c in zip(FEATURES, self.coefficients)}
 
     @property
     def margin(self) -> float:
@@ -137,7 +140,7 @@ class CostModel:
     # ---- costs --------------------------------------------------------------------------------
 
     def predict(self, shape: IterationShape) -> float:
-        return sum(c * x for c, x in zip(self.coefficients, shape.features()))
+        return sum(c * x for c, x in zip(self.coefficients, self.features(shape)))
 
     @property
     def iteration_base(self) -> float:
@@ -145,7 +148,7 @@ class CostModel:
 
     @property
     def adapter_cost(self) -> float:
-        return self.coefficients[6]
+        return self.coefficients[5]
 
     def train_forward_cost(self, num_tokens: int) -> float:
         """Marginal cost of `num_tokens` finetuning forward tokens (fixed and adapter costs apart)."""
@@ -153,8 +156,9 @@ class CostModel:
 
     def backward_cost(self, num_tokens: int) -> float:
         """A whole window's marginal cost through every layer (a layer window pays its share)."""
-        c = self.coefficients
-        return c[5] + c[4] * num_tokens if num_tokens else 0.0
+        if not num_tokens:
+            return 0.0
+        return self.coefficients[4] * (self.backward_base + self.backward_per_token * num_tokens)
 
     def max_forward_tokens(self, limit: float) -> int:
         """Most prefill tokens an iteration may hold and stay within `limit`."""
@@ -168,7 +172,7 @@ class CostModel:
     def max_backward_tokens(self, limit: float) -> int:
         """Most tokens one whole window may hold within `limit` (the window alone in its iteration)."""
         c = self.coefficients
-        return max(0, int((limit - c[0] - c[5]) / c[4]))
+        return max(0, int(((limit - c[0]) / c[4] - self.backward_base) / self.backward_per_token))
 
     # ---- learning -----------------------------------------------------------------------------
 
@@ -178,7 +182,7 @@ class CostModel:
             return
         if self.fit is None:
             self.fit = LatencyFit(self.prior(), FEATURE_SCALES)
-        self.fit.observe(shape.features(), seconds)
+        self.fit.observe(self.features(shape), seconds)
 
     # ---- persistence --------------------------------------------------------------------------
 

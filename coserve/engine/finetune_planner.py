@@ -30,6 +30,11 @@ def _window_size(remaining: int, fits_alone: int) -> int:
     return -(-remaining // num_windows)
 
 
+_WINDOW_LIMITS = {"s": 2.0, "tokens": 1.0}
+"""A backward window holds what this many iteration limits pay for (measured costs: bigger windows,
+run in layer pieces, amortize the fixed cost of each window; token units model no fixed cost)."""
+
+
 class _Job:
     def __init__(self, adapter: str, max_in_flight: int) -> None:
         self.adapter = adapter
@@ -89,11 +94,14 @@ class FinetunePlanner:
     # ---- planning -----------------------------------------------------------------------------
 
     def plan(self, cost: CostModel, limit: float, inference: IterationShape = IterationShape(),
-             adapters_in_use: set[str] = frozenset()) -> tuple[list[ScheduledSequence], list[BackwardWindow]]:
+             adapters_in_use: set[str] = frozenset(),
+             reserve: float = 0.0) -> tuple[list[ScheduledSequence], list[BackwardWindow]]:
         """Chunks and windows that fit in `limit` after this iteration's inference rows (`inference`).
 
         `adapters_in_use`: adapters of this iteration's inference rows; a job whose adapter
         would exceed max_loras runs only backward windows this time (they need no slot).
+        `reserve`: part of the limit finetuning must leave free this time (windows are still
+        sized by the whole limit).
         """
         chunks: list[ScheduledSequence] = []
         windows: list[BackwardWindow] = []
@@ -101,7 +109,8 @@ class FinetunePlanner:
         if not active:
             return chunks, windows
         num_inference = inference.decode_tokens + inference.prefill_tokens
-        state = {"forward": num_inference, "left": limit - cost.margin - cost.predict(inference), "limit": limit,
+        state = {"forward": num_inference, "left": limit - reserve - cost.margin - cost.predict(inference),
+                 "limit": limit,
                  "base_paid": not inference.is_empty, "planned": set(), "adapters": set(adapters_in_use)}
         for index, job_id in enumerate(active):
             share = state["left"] / (len(active) - index)
@@ -188,24 +197,31 @@ class FinetunePlanner:
             k = max(k, 1)
             return BackwardWindow(seq.seq_id, seq.window_start, seq.backward_end, blocks,
                                   layer_start=seq.layer_top - k, layer_end=seq.layer_top, fraction=k / layers)
-        target = _window_size(seq.backward_end, cost.max_backward_tokens(limit))
+        target = _window_size(seq.backward_end, cost.max_backward_tokens(_WINDOW_LIMITS[cost.unit] * limit))
         n = min(target, cost.max_backward_tokens(budget))
+        if n == target and n > 0:
+            return BackwardWindow(seq.seq_id, seq.backward_end - n, seq.backward_end, blocks)
+        # The window does not fit: run its top layers now and the rest in later iterations. Each
+        # window pays a fixed cost (every layer's weights are read again), so layer pieces of a big
+        # window do more work per second than a small whole window; forward chunks fill what is left.
+        size = min(seq.backward_end, max(target, 4 * self.config.min_finetune_tokens))
+        k = self._layers_within(cost, size, budget)
+        if k >= layers:
+            return BackwardWindow(seq.seq_id, seq.backward_end - size, seq.backward_end, blocks)
+        if k >= 1:
+            return BackwardWindow(seq.seq_id, seq.backward_end - size, seq.backward_end, blocks,
+                                  layer_start=layers - k, layer_end=None, fraction=k / layers)
+        # Not even one layer of it fits: a smaller whole window, if a worthwhile one does.
         if n > 0 and n >= min(min_backward, target):
             return BackwardWindow(seq.seq_id, seq.backward_end - n, seq.backward_end, blocks)
-        if force and layers == 1:
+        if not force:
+            return None
+        if layers == 1:
             n = min(seq.backward_end, max(1, n, self.config.min_finetune_tokens))
             return BackwardWindow(seq.seq_id, seq.backward_end - n, seq.backward_end, blocks)
-        # A worthwhile window does not fit: run its top layers now and the rest in later iterations.
-        n = min(seq.backward_end, max(target, 4 * self.config.min_finetune_tokens))
-        k = self._layers_within(cost, n, budget)
-        if k >= layers:
-            return BackwardWindow(seq.seq_id, seq.backward_end - n, seq.backward_end, blocks)
-        if k < 1:
-            if not force:
-                return None
-            n, k = min(seq.backward_end, max(1, self.config.min_finetune_tokens)), 1
+        n = min(seq.backward_end, max(1, self.config.min_finetune_tokens))
         return BackwardWindow(seq.seq_id, seq.backward_end - n, seq.backward_end, blocks,
-                              layer_start=layers - k, layer_end=None, fraction=k / layers)
+                              layer_start=layers - 1, layer_end=None, fraction=1 / layers)
 
     def _layers_within(self, cost: CostModel, num_tokens: int, budget: float) -> int:
         per_layer = cost.backward_cost(num_tokens) / self.num_layers

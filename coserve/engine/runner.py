@@ -81,12 +81,17 @@ class ModelRunner:
         with self.lora_context.use(model_input.lora):
             hidden = self.model(model_input.input_ids, model_input.positions, self.kv_caches,
                                 model_input.attention, capture)
+        sample_hidden = hidden.index_select(0, model_input.sample_rows) if model_input.sample_request_ids else None
+        logits = None
         if capture is not None:
-            losses = self.finetune.record_forward(capture, model_input.training_chunks)
+            # NOTE: the sampled rows share the losses' vocabulary projection (one read of its weight).
+            losses, logits = self.finetune.record_forward(capture, model_input.training_chunks, sample_hidden)
             output.training_losses = {sid: (loss.loss_sum, loss.num_targets) for sid, loss in losses.items()}
-        if not model_input.sample_request_ids:
+        if sample_hidden is None:
             return output
-        logits = self.model.compute_logits(hidden.index_select(0, model_input.sample_rows)).float()
+        if logits is None:
+            logits = self.model.compute_logits(sample_hidden)
+        logits = logits.float()
         states = [self._requests[rid] for rid in model_input.sample_request_ids]
         sampled = self.sampler(logits, [s.params for s in states], [s.generator for s in states])
         for rid, token, logprob in zip(model_input.sample_request_ids, sampled.token_ids, sampled.logprobs):

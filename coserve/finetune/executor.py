@@ -15,7 +15,7 @@ import torch
 
 from coserve.finetune.backward import sequence_backward_window
 from coserve.finetune.buffers import SequenceBuffers
-from coserve.finetune.loss import loss_and_grad
+from coserve.finetune.loss import IGNORE_INDEX, loss_and_grad
 from coserve.finetune.trainable import TrainableLoRA
 from coserve.models.attention import LayerKVCache
 from coserve.models.llama import ActivationCapture, CausalLM, head_dim_of
@@ -79,27 +79,37 @@ class FinetuneExecutor:
         """Bytes kept for backward by all registered sequences (K/V cache blocks not included)."""
         return sum(s.buffers.nbytes() for s in self._sequences.values() if s.buffers is not None)
 
-    def record_forward(self, capture: ActivationCapture,
-                       chunks: list[tuple[str, int, int]]) -> dict[str, ChunkLoss]:
-        """Store the captured rows of each chunk and compute its loss.
+    def record_forward(self, capture: ActivationCapture, chunks: list[tuple[str, int, int]],
+                       sample_normed: torch.Tensor | None = None
+                       ) -> tuple[dict[str, ChunkLoss], torch.Tensor | None]:
+        """Store the captured rows of each chunk and compute the chunks' losses in one pass.
 
         Args:
             chunks: (seq_id, start position, num tokens) in the capture's row order.
+            sample_normed: [m, hidden] final-norm rows of inference requests to sample; their logits
+                come out of the same vocabulary projection as the losses.
+
+        Returns:
+            (loss per chunk's sequence, logits [m, vocab] of `sample_normed` or None).
         """
-        losses = {}
-        row = 0
+        targets, scales, row = [], [], 0
         for seq_id, start, num_tokens in chunks:
             seq = self._sequences[seq_id]
             buffers = self._buffers(seq)
-            rows = slice(row, row + num_tokens)
             for index, layer_input in enumerate(capture.layer_inputs):
-                buffers.layer_inputs[index, start:start + num_tokens] = layer_input[rows]
-            loss_sum, num_targets, grad = loss_and_grad(
-                self.model, capture.final_hidden[rows], buffers.targets[start:start + num_tokens], seq.loss_scale)
-            buffers.grad_final[start:start + num_tokens] = grad
-            losses[seq_id] = ChunkLoss(loss_sum, num_targets)
+                buffers.layer_inputs[index, start:start + num_tokens] = layer_input[row:row + num_tokens]
+            targets.append(buffers.targets[start:start + num_tokens])
+            scales.append(torch.full((num_tokens,), seq.loss_scale, dtype=torch.float64, device=self.device))
             row += num_tokens
-        return losses
+        result = loss_and_grad(self.model, capture.final_hidden, torch.cat(targets), torch.cat(scales),
+                               sample_normed)
+        losses, row = {}, 0
+        for (seq_id, start, num_tokens), chunk_targets in zip(chunks, targets):
+            self._sequences[seq_id].buffers.grad_final[start:start + num_tokens] = result.grad[row:row + num_tokens]
+            num_targets = int((chunk_targets != IGNORE_INDEX).sum())
+            losses[seq_id] = ChunkLoss(float(result.row_losses[row:row + num_tokens].sum()), num_targets)
+            row += num_tokens
+        return losses, result.extra_logits
 
     def backward(self, seq_id: str, start: int, end: int, block_ids: list[int], layer_start: int = 0,
                  layer_end: int | None = None) -> None:

@@ -3,9 +3,15 @@
 Runs during a training chunk's forward: the loss is summed and the gradient
 w.r.t. the pre-norm final hidden state is kept, so the backward never needs
 the vocabulary projection again. Rows are processed a few at a time so no
-[tokens, vocab] matrix ever exists for more than a chunk of rows.
+[tokens, vocab] matrix ever exists for more than a chunk of rows. The rows of
+every training chunk of an iteration go through one projection, together with
+the inference rows to sample (`extra_normed`): on a small batch the projection
+costs the time to read the vocabulary weight, so one pass instead of several
+is most of its cost saved.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -14,33 +20,52 @@ IGNORE_INDEX = -100
 _MAX_LOGIT_ELEMENTS = 1 << 24  # ~64 MB of fp32 logits per chunk: fewer passes over the vocabulary weight
 
 
-def loss_and_grad(model, final_hidden: torch.Tensor, targets: torch.Tensor,
-                  scale: float) -> tuple[float, int, torch.Tensor]:
-    """Sum of token cross-entropies and d(scale * sum)/d(final_hidden).
+@dataclass
+class LossResult:
+    row_losses: torch.Tensor
+    """[n] cross-entropy per row, fp32 or wider (0 where the target is IGNORE_INDEX)."""
+    grad: torch.Tensor
+    """[n, hidden] fp32 d(sum of scale * loss)/d(final_hidden)."""
+    extra_logits: torch.Tensor | None
+    """[m, vocab] logits of `extra_normed`, or None."""
+
+
+def loss_and_grad(model, final_hidden: torch.Tensor, targets: torch.Tensor, scales: torch.Tensor,
+                  extra_normed: torch.Tensor | None = None) -> LossResult:
+    """Token cross-entropies, and the gradient of their weighted sum at the final hidden state.
 
     Args:
         final_hidden: [n, hidden] last decoder layer's output, before the final norm.
         targets: [n] long, next-token id per row or IGNORE_INDEX.
-        scale: the loss weight of one token (1 / target tokens in the optimizer step).
-
-    Returns:
-        (loss sum, number of targets, gradient [n, hidden] fp32).
+        scales: [n] fp64, the loss weight of each row (1 / target tokens in its optimizer step).
+        extra_normed: [m, hidden] rows after the final norm whose logits are wanted too (no loss).
     """
+    num_rows = final_hidden.shape[0]
     grad = torch.zeros(final_hidden.shape, dtype=torch.float32, device=final_hidden.device)
-    loss_sum, num_targets = 0.0, 0
+    row_losses = torch.zeros(num_rows, dtype=torch.promote_types(final_hidden.dtype, torch.float32),
+                             device=final_hidden.device)
+    extra_logits = None
     rows_per_chunk = max(1, _MAX_LOGIT_ELEMENTS // model.config.vocab_size)
-    for start in range(0, final_hidden.shape[0], rows_per_chunk):
-        chunk_targets = targets[start:start + rows_per_chunk]
-        count = int((chunk_targets != IGNORE_INDEX).sum())
-        if count == 0:
+    for start in range(0, max(num_rows, 1), rows_per_chunk):
+        end = min(start + rows_per_chunk, num_rows)
+        chunk_targets = targets[start:end]
+        extra = extra_normed if start == 0 else None      # the sampled rows ride along once
+        if not bool((chunk_targets != IGNORE_INDEX).any()) and extra is None:
             continue
         with torch.enable_grad():
-            hidden = final_hidden[start:start + rows_per_chunk].detach().requires_grad_(True)
-            logits = model.compute_logits(model.model.norm(hidden))            # [rows, vocab]
+            hidden = final_hidden[start:end].detach().requires_grad_(True)
+            normed = model.model.norm(hidden)
+            if extra is not None:
+                normed = torch.cat((normed, extra.to(normed.dtype)))
+            logits = model.compute_logits(normed)                                   # [rows (+ m), vocab]
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-            loss = F.cross_entropy(logits, chunk_targets, ignore_index=IGNORE_INDEX, reduction="sum")
-            (chunk_grad,) = torch.autograd.grad(loss * scale, hidden)
-        grad[start:start + rows_per_chunk] = chunk_grad
-        loss_sum += float(loss.detach())
-        num_targets += count
-    return loss_sum, num_targets, grad
+            train_logits = logits[:end - start]
+            losses = F.cross_entropy(train_logits, chunk_targets, ignore_index=IGNORE_INDEX, reduction="none")
+            if bool((chunk_targets != IGNORE_INDEX).any()):
+                weighted = losses * scales[start:end].to(losses.dtype)
+                (chunk_grad,) = torch.autograd.grad(weighted.sum(), hidden)
+                grad[start:end] = chunk_grad
+        row_losses[start:end] = losses.detach()
+        if extra is not None:
+            extra_logits = logits[end - start:].detach()
+    return LossResult(row_losses, grad, extra_logits)

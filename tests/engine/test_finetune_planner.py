@@ -4,6 +4,7 @@ Iterations are simulated with plain runner outputs (a sampled token for every
 inference sequence that asks for one); the checks are on the plans alone.
 """
 import random
+import time
 
 import pytest
 
@@ -163,13 +164,14 @@ def test_every_job_finishes_under_any_budget(budget, min_tokens, with_inference)
 
 def test_cost_model_learns_each_kind_of_work_online():
     # The profile says 10 ms + 1 ms per forward token; the machine really costs 20 ms per iteration,
-    # 3 ms per decode, 1 ms per prefill token, 2.5 ms per finetuning forward token and 2 ms per adapter.
+    # 3 ms per decode, 1 ms per prefill token, 2.5 ms per finetuning forward token, 2 ms per adapter,
+    # and backward windows 1.5x their profiled cost.
     cost = CostModel(0.010, 0.001, 0.005, 0.002)
     assert cost.max_forward_tokens(0.050) == 40 and cost.margin == 0.0
 
     def truth(shape):
         return (0.020 + 0.003 * shape.decode_tokens + 0.001 * shape.prefill_tokens + 0.0025 * shape.train_tokens
-                + sum(f * (0.004 + 0.002 * n) for n, f in shape.backward_windows) + 0.002 * shape.num_adapters)
+                + sum(f * 1.5 * (0.005 + 0.002 * n) for n, f in shape.backward_windows) + 0.002 * shape.num_adapters)
 
     rng = random.Random(0)
     for _ in range(300):
@@ -201,6 +203,30 @@ def test_the_planner_keeps_the_learned_margin_free():
     out = scheduler.schedule()
     assert cost.predict(IterationShape.of(out)) <= 0.050 - cost.margin + 1e-12
     assert cost.predict(IterationShape.of(out)) > 0.050 - cost.margin - 0.002   # and it fills the rest
+
+
+def test_finetuning_yields_while_a_request_is_behind_its_tpot_slo():
+    cost = CostModel(0.010, 0.001, 0.005, 0.002)
+    scheduler = make(budget=64)
+    scheduler.set_budget(cost, 0.050)                 # 50 ms per output token
+    request = Request("r", [1, 2, 3], SamplingParams(max_tokens=50, ignore_eos=True))
+    scheduler.add_request(request)
+    run_one = lambda: scheduler.schedule()            # noqa: E731
+    first = run_one()                                 # the prefill
+    scheduler.update(first, RunnerOutput(sampled_token_ids={"r": 7}))
+    add_job(scheduler, lengths=(60,))
+    # 4 tokens so far, the first 0.5 s ago: 0.5 s for 4 tokens is far over 50 ms each.
+    request.output_token_ids = [7] * 4
+    request.num_computed_tokens = request.num_tokens - 1
+    request.first_token_time -= 0.5
+    out = run_one()
+    assert inference_tokens(out) == 1 and not any(s.is_training for s in out.sequences)
+    assert not out.backward_windows
+    # Ahead of the SLO again (the first token just now): finetuning fills the iteration.
+    scheduler.update(out, RunnerOutput(sampled_token_ids={"r": 7}))
+    request.first_token_time = time.monotonic()
+    out = run_one()
+    assert any(s.is_training for s in out.sequences)
 
 
 def test_a_job_starved_by_inference_still_finishes_and_overruns_rarely():

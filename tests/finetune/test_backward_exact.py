@@ -99,7 +99,7 @@ class _ChunkedTrainer:
         capture = ActivationCapture(rows=torch.arange(num_train_rows))
         with torch.no_grad(), self.context.use(LoRABatch.from_slots(slots)):
             self.model(torch.tensor(ids), torch.tensor(positions), self.caches, meta, capture)
-        return self.executor.record_forward(capture, chunks)
+        return self.executor.record_forward(capture, chunks)[0]
 
     def grads(self):
         return {name: {"A": a.grad, "B": b.grad} for name, (a, b) in self.lora.params.items()}

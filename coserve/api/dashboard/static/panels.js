@@ -116,7 +116,9 @@ export function renderBudget(factsBox, plot, engine) {
       { key: "fwd", label: "forward (predicted)", color: COLORS.decode, kind: "line",
         points: c ? learned(c.iteration, c.prefill_token) : line(p.forward_base, p.forward_per_token) },
       { key: "bwd", label: "backward window", color: COLORS.ftForward, kind: "line",
-        points: c ? learned(c.iteration + c.backward_window, c.backward_token) : line(p.backward_base, p.backward_per_token) },
+        // The learned backward coefficient is a factor on the profiled window cost.
+        points: c ? learned(c.iteration + c.backward * unitScale * p.backward_base, c.backward * unitScale * p.backward_per_token)
+          : line(p.backward_base, p.backward_per_token) },
       { key: "fwd-m", color: COLORS.decode, points: dots(p.points.forward), kind: "dots" },
       { key: "bwd-m", color: COLORS.ftForward, points: dots(p.points.backward), kind: "dots" },
     ],
