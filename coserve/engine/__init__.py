@@ -3,7 +3,7 @@
     Request (request.py)                      a sequence that needs N more tokens of work
     TrainingSequence (training_sequence.py)   a finetuning sequence: forward chunks, then backward windows
       -> Scheduler.schedule() (scheduler.py)  budget from the cost model (cost_model.py, budget.py,
-                                              profiler.py): decodes, prefill chunks, new requests, then
+                                              profiler.py, latency_fit.py): decodes, prefill chunks, new requests, then
                                               finetuning work in what is left (finetune_planner.py);
                                               KV blocks from BlockManager (kv_cache.py)
       -> SchedulerOutput (outputs.py)         plain Python, the only thing the runner receives
@@ -13,8 +13,9 @@
       -> backward windows                     coserve/finetune/backward.py, via FinetuneManager
       -> RunnerOutput (outputs.py)
       -> Scheduler.update()                   tokens appended, stops checked, blocks freed
-      -> Engine (engine.py)                   stop strings (detokenizer.py), stats (stats.py),
-                                              optimizer steps and checkpoints (coserve/finetune/manager.py)
+      -> Engine (engine.py)                   stop strings (detokenizer.py), stats (stats.py), the
+                                              measured latency into the cost model, optimizer steps
+                                              and checkpoints (coserve/finetune/manager.py)
 
 `Engine.step()` runs that once; `EngineLoop` (loop.py) drives it on a thread.
 """
