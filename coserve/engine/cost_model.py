@@ -86,6 +86,7 @@ class CostModel:
     """Factor applied to the profile before any iteration is observed (a loaded profile is rescaled
     by one measured forward at start-up)."""
     fit: LatencyFit | None = field(default=None, repr=False, compare=False)
+    _fitted: list[float] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.forward_per_token <= 0 or self.backward_per_token <= 0:
@@ -117,12 +118,8 @@ class CostModel:
     @property
     def coefficients(self) -> list[float]:
         """Current coefficients: the online fit's (per-token costs kept at >= a quarter of the
-        profile's, so a noisy fit can never make work look free), or the prior."""
-        prior = self.prior()
-        if self.fit is None or self.fit.num_observations == 0:
-            return prior
-        fitted = self.fit.coefficients
-        return [max(f, 0.25 * p) if p > 0 else max(f, 0.0) for f, p in zip(fitted, prior)]
+        profile's, so a noisy fit can never make work look free), or the prior before any fit."""
+        return self.prior() if self._fitted is None else self._fitted
 
     def as_dict_ms(self) -> dict[str, float]:
         """Current coefficients by feature name, in ms (seconds models) or tokens; `backward` is a
@@ -183,6 +180,8 @@ class CostModel:
         if self.fit is None:
             self.fit = LatencyFit(self.prior(), FEATURE_SCALES)
         self.fit.observe(self.features(shape), seconds)
+        # NOTE: clamped once here, not on every read: the planner reads them many times an iteration.
+        self._fitted = [max(f, 0.25 * p) if p > 0 else max(f, 0.0) for f, p in zip(self.fit.coefficients, self.fit.prior)]
 
     # ---- persistence --------------------------------------------------------------------------
 

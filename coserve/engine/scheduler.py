@@ -119,30 +119,30 @@ class Scheduler:
         output = self._schedule_inference()
         adapters = {s.adapter for s in output.sequences if s.adapter is not None}
         chunks, windows = self.finetune.plan(self.cost_model, self.limit, IterationShape.of(output), adapters,
-                                             reserve=self.limit - self._finetune_limit(output))
+                                             reserve=self._catch_up_reserve(output))
         output.sequences += chunks
         output.backward_windows = windows
         return output
 
-    def _finetune_limit(self, output: SchedulerOutput) -> float:
-        """The limit finetuning may fill this iteration: the SLO, or less for a request behind it.
+    def _catch_up_reserve(self, output: SchedulerOutput) -> float:
+        """Part of the limit finetuning must leave free this iteration for a request behind the SLO.
 
         The SLO bounds each request's mean time per output token. A decode whose tokens so far took
         longer on average (a burst of prefills ran beside it) may only see an iteration short enough
-        to bring its mean back to the SLO, so finetuning yields until it has caught up. It never
-        raises the limit: a request ahead of its SLO does not let finetuning run longer iterations.
+        to bring its mean back to the SLO, so finetuning yields until it has caught up. Never
+        negative: a request ahead of its SLO does not let finetuning run longer iterations.
         """
         if self.cost_model.unit != "s":
-            return self.limit
-        now, limit = time.monotonic(), self.limit
+            return 0.0
+        now, reserve = time.monotonic(), 0.0
         for seq in output.sequences:
             request = self.requests.get(seq.request_id)
             if request is None or request.first_token_time is None or seq.num_tokens != 1:
                 continue
             # After this iteration: num_output_tokens tokens since the first, in (now - first) + t.
             allowed = self.limit * request.num_output_tokens - (now - request.first_token_time)
-            limit = min(limit, allowed)
-        return limit
+            reserve = max(reserve, self.limit - allowed)
+        return reserve
 
     def _schedule_temporal(self) -> SchedulerOutput:
         """Temporal sharing: inference iterations and finetuning turns of K tokens take turns."""

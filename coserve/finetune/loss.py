@@ -50,7 +50,8 @@ def loss_and_grad(model, final_hidden: torch.Tensor, targets: torch.Tensor, scal
         end = min(start + rows_per_chunk, num_rows)
         chunk_targets = targets[start:end]
         extra = extra_normed if start == 0 else None      # the sampled rows ride along once
-        if not bool((chunk_targets != IGNORE_INDEX).any()) and extra is None:
+        has_targets = bool((chunk_targets != IGNORE_INDEX).any())
+        if not has_targets and extra is None:
             continue
         with torch.enable_grad():
             hidden = final_hidden[start:end].detach().requires_grad_(True)
@@ -61,7 +62,7 @@ def loss_and_grad(model, final_hidden: torch.Tensor, targets: torch.Tensor, scal
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             train_logits = logits[:end - start]
             losses = F.cross_entropy(train_logits, chunk_targets, ignore_index=IGNORE_INDEX, reduction="none")
-            if bool((chunk_targets != IGNORE_INDEX).any()):
+            if has_targets:
                 weighted = losses * scales[start:end].to(losses.dtype)
                 (chunk_grad,) = torch.autograd.grad(weighted.sum(), hidden)
                 grad[start:end] = chunk_grad
