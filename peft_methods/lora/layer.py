@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from peft_methods.lora.cpu_kernel import kernel_applies, load_cpu_kernel, lora_apply_cpu
 from peft_methods.lora.ops import Segment, lora_apply_grouped, lora_apply_ref, segments_from_slots
 
 logger = logging.getLogger(__name__)
@@ -58,17 +59,27 @@ class LoRABatch:
 class LoRAContext:
     """Shared by all MultiLoRALinear layers of one model: the current batch.
 
-    The op path is chosen once here: the grouped fast path by default, the
-    `*_ref` reference when `use_ref=True` (tests force it).
+    The op path is chosen once here: the grouped GEMM path by default; the
+    `*_ref` reference when `use_ref=True` (tests force it); with
+    `use_cpu_kernel=True` (CPU engines) the AVX-512 kernel for segments of up to
+    `KERNEL_MAX_ROWS` rows where it loads, the grouped path otherwise. Calls
+    the kernel cannot take (not fp32, autograd) go to the grouped path.
     """
 
-    def __init__(self, use_ref: bool = False) -> None:
+    def __init__(self, use_ref: bool = False, use_cpu_kernel: bool = False) -> None:
         self._use_ref = bool(use_ref)
         self.batch: LoRABatch | None = None
-        logger.info(
-            "LoRA op path: %s",
-            "lora_apply_ref (forced)" if use_ref else "lora_apply_grouped (segment GEMMs, no rank padding)",
-        )
+        self.cpu_kernel = None
+        if self._use_ref:
+            path = "lora_apply_ref (forced)"
+        elif use_cpu_kernel:
+            self.cpu_kernel, why_not = load_cpu_kernel()
+            path = ("lora_apply_cpu (AVX-512 kernel for decode-sized segments, GEMMs for the rest)"
+                    if self.cpu_kernel is not None else f"lora_apply_grouped (no CPU kernel: {why_not})")
+        else:
+            path = "lora_apply_grouped (segment GEMMs, no rank padding)"
+        self.path = path
+        logger.info("LoRA op path: %s", path)
 
     @property
     def use_ref(self) -> bool:
@@ -98,7 +109,15 @@ class LoRAContext:
             raise ValueError(f"LoRABatch covers {batch.num_tokens} tokens but the layer got {x.shape[0]} rows")
         if self._use_ref:
             return lora_apply_ref(y, x, batch.token_slots, lora_a, lora_b, scalings)
+        if self.kernel_for(y, x) is not None:
+            return lora_apply_cpu(self.cpu_kernel, y, x, batch.segments, lora_a, lora_b, scalings)
         return lora_apply_grouped(y, x, batch.segments, lora_a, lora_b, scalings)
+
+    def kernel_for(self, y: torch.Tensor, x: torch.Tensor):
+        """The CPU kernel module if this call may use it, else None."""
+        if self.cpu_kernel is not None and kernel_applies(y, x):
+            return self.cpu_kernel
+        return None
 
 
 class MultiLoRALinear(nn.Module):

@@ -47,9 +47,9 @@ def test_clearing_a_slot_rebuilds_the_concatenation():
     layers = _layers(context)
     shared = SharedShrink(layers)
     _load(layers)
-    assert shared.a_cat_t[0].shape == (16, 9) and shared.columns[1][1] is None
+    assert shared.a_cat[0].shape == (9, 16) and shared.columns[1][1] is None
     layers[0].clear_slot(0)
-    assert shared.a_cat_t[0].shape == (16, 7) and shared.columns[0][0] is None
+    assert shared.a_cat[0].shape == (7, 16) and shared.columns[0][0] is None
     x = torch.randn(4, 16, dtype=torch.double)
     with context.use(LoRABatch.from_slots([0] * 4)):
         torch.testing.assert_close(layers[0](x), layers[0].base_layer(x))

@@ -1,0 +1,97 @@
+"""The CPU fast path for LoRA segments of a few rows (decode batches).
+
+`csrc/lora_cpu.cpp` streams each adapter weight row once and keeps a
+segment's partial results in AVX-512 registers; a GEMM library, given 1 to 8
+rows, packs its operands and reaches a fraction of the memory bandwidth.
+It is compiled on first use with torch's extension builder (g++, ninja) into
+torch's extension cache, so later processes load it in well under a second.
+`load_cpu_kernel()` returns None, with the reason, where it cannot run: no
+AVX-512, no compiler, a failed build, or COSERVE_LORA_CPU_KERNEL=0.
+
+`lora_apply_cpu` has the semantics of `ops.lora_apply_grouped`; segments of
+more than `KERNEL_MAX_ROWS` rows (prefill chunks) still go to the GEMM
+library, which is faster there.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Sequence
+
+import torch
+
+from peft_methods.lora.ops import Segment, lora_apply_grouped
+
+logger = logging.getLogger(__name__)
+
+KERNEL_MAX_ROWS = 128
+"""Measured on 2 AVX-512 cores: the kernel wins up to 128 rows per segment, the GEMM from 256."""
+_SOURCE = Path(__file__).with_name("csrc") / "lora_cpu.cpp"
+_DISABLE_ENV = "COSERVE_LORA_CPU_KERNEL"
+
+
+@functools.cache
+def load_cpu_kernel() -> tuple[ModuleType | None, str]:
+    """Build (once per machine) and load the extension; (module, "") or (None, why not)."""
+    if os.environ.get(_DISABLE_ENV, "1") == "0":
+        return None, f"{_DISABLE_ENV}=0"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability != "AVX512":
+        return None, f"the CPU kernel needs AVX-512, this CPU offers {capability}"
+    try:
+        from torch.utils import cpp_extension
+
+        module = cpp_extension.load(
+            name="coserve_lora_cpu",
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as error:  # noqa: BLE001 - any build failure means: use the GEMM path
+        return None, f"building {_SOURCE.name} failed ({type(error).__name__}: {str(error).strip()[:300]})"
+    return module, ""
+
+
+def kernel_applies(y: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether this call can take the kernel: fp32 CPU rows, contiguous, no autograd."""
+    return (
+        y.dtype == torch.float32
+        and x.dtype == torch.float32
+        and y.device.type == "cpu"
+        and x.device.type == "cpu"
+        and y.stride(1) == 1
+        and x.stride(1) == 1
+        and not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad))
+    )
+
+
+def split_segments(segments: Sequence[Segment]) -> tuple[list[Segment], list[Segment]]:
+    """(segments the kernel takes, segments left to the GEMM library)."""
+    small = [seg for seg in segments if seg[2] - seg[1] <= KERNEL_MAX_ROWS]
+    large = [seg for seg in segments if seg[2] - seg[1] > KERNEL_MAX_ROWS]
+    return small, large
+
+
+def lora_apply_cpu(
+    kernel: ModuleType,
+    y: torch.Tensor,
+    x: torch.Tensor,
+    segments: Sequence[Segment],
+    lora_a: Sequence[torch.Tensor | None],
+    lora_b: Sequence[torch.Tensor | None],
+    scalings: Sequence[float],
+) -> torch.Tensor:
+    """Same result as `lora_apply_grouped` (lora_b[s].T must be contiguous, as layers store it)."""
+    small, large = split_segments(segments)
+    small = [seg for seg in small if lora_a[seg[0]] is not None and lora_b[seg[0]] is not None]
+    if small:
+        starts = [start for _, start, _ in small]
+        ends = [end for _, _, end in small]
+        h = kernel.lora_shrink(x, starts, ends, [lora_a[slot] for slot, _, _ in small])
+        kernel.lora_expand(y, starts, ends, h, [0] * len(small), [lora_b[slot].T for slot, _, _ in small],
+                           [float(scalings[slot]) for slot, _, _ in small])
+    return lora_apply_grouped(y, x, large, lora_a, lora_b, scalings)
