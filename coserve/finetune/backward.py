@@ -9,10 +9,12 @@ earlier keys and values, which is added to the per-layer dK/dV accumulators.
 Each window's own K/V rows receive what later windows sent them. The result
 equals a full-sequence backward (tests check it in fp64).
 
-Recomputed: norms, q/k/v/o, attention, gate/up and the activation. Not
-recomputed: down_proj's output (the backward only needs its input gradient,
-formed from the frozen weight directly) and the vocabulary projection (its
-gradient was kept at forward time).
+Recomputed: norms, q/o, attention, gate/up and the activation. Not
+recomputed: the window's K and V (read back from the KV cache, where its
+forward wrote them; their projections are only differentiated), down_proj's
+output (the backward only needs its input gradient, formed from the frozen
+weight directly) and the vocabulary projection (its gradient was kept at
+forward time).
 """
 from __future__ import annotations
 
@@ -42,6 +44,38 @@ def _linear(module, x: torch.Tensor, lora: LoRAWeights | None) -> torch.Tensor:
     return y
 
 
+class _GradOnlyLinear(torch.autograd.Function):
+    """A frozen linear whose output value is known elsewhere: forward returns zeros, backward is exact.
+
+    The K/V projections of a window were computed in its forward and sit in the KV cache; the
+    backward only needs their input gradient (grad @ W), so their GEMMs are not run again.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return x.new_zeros(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        return grad @ weight, None
+
+
+def _cached_linear(module, x: torch.Tensor, lora: LoRAWeights | None) -> torch.Tensor:
+    """`_linear`'s gradient graph without its value: the frozen part's output reads as zeros."""
+    y = _GradOnlyLinear.apply(x, _base(module).weight)
+    if lora is not None:
+        lora_a, lora_b, scaling = lora
+        y = y + scaling * F.linear(F.linear(x, lora_a.to(x.dtype)), lora_b.to(x.dtype))
+    return y
+
+
+def _with_value(value: torch.Tensor, graph: torch.Tensor) -> torch.Tensor:
+    """`value`, with `graph`'s gradient path (graph - graph.detach() is exactly zero)."""
+    return value + (graph - graph.detach()) if graph.requires_grad else value
+
+
 def _visible_mask(start: int, end: int, sliding_window: int | None, device) -> torch.Tensor | None:
     """[end - start, end] bool: causal (and windowed) visibility of keys 0..end-1 to queries start..end-1."""
     if start == 0 and sliding_window is None:
@@ -56,6 +90,7 @@ def _visible_mask(start: int, end: int, sliding_window: int | None, device) -> t
 
 def layer_backward(layer, prefix: str, lora_of: LoRALookup, x: torch.Tensor, grad_out: torch.Tensor,
                    cos: torch.Tensor, sin: torch.Tensor, key_past: torch.Tensor, value_past: torch.Tensor,
+                   key_window: torch.Tensor, value_window: torch.Tensor,
                    grad_key: torch.Tensor, grad_value: torch.Tensor, sliding_window: int | None,
                    need_input_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Backward of one decoder layer for a window of w tokens at positions [start, start + w).
@@ -64,6 +99,8 @@ def layer_backward(layer, prefix: str, lora_of: LoRALookup, x: torch.Tensor, gra
         x: [w, hidden] the layer's saved input for the window.
         grad_out: [w, hidden] gradient at the layer's output.
         key_past, value_past: [start, kv_heads, head_dim] cached K (after rope) and V of earlier tokens.
+        key_window, value_window: [w, kv_heads, head_dim] the window's own cached K (after rope) and V:
+            used as they are, so the K/V projections are differentiated but not recomputed.
         grad_key, grad_value: [w, kv_heads, head_dim] gradient later windows sent to this window's K/V.
 
     Returns:
@@ -78,11 +115,12 @@ def layer_backward(layer, prefix: str, lora_of: LoRALookup, x: torch.Tensor, gra
     with torch.enable_grad():
         normed = layer.input_layernorm(x)
         q = _linear(attn.q_proj, normed, lora_of(f"{prefix}.self_attn.q_proj"))
-        k = _linear(attn.k_proj, normed, lora_of(f"{prefix}.self_attn.k_proj"))
-        v = _linear(attn.v_proj, normed, lora_of(f"{prefix}.self_attn.v_proj"))
+        k = _cached_linear(attn.k_proj, normed, lora_of(f"{prefix}.self_attn.k_proj"))
+        v = _cached_linear(attn.v_proj, normed, lora_of(f"{prefix}.self_attn.v_proj"))
         q = apply_rotary(q.view(num_tokens, attn.num_heads, attn.head_dim), cos, sin)
         k = apply_rotary(k.view(num_tokens, attn.num_kv_heads, attn.head_dim), cos, sin)
-        v = v.view(num_tokens, attn.num_kv_heads, attn.head_dim)
+        k = _with_value(key_window.detach().to(dtype), k)
+        v = _with_value(value_window.detach().to(dtype), v.view(num_tokens, attn.num_kv_heads, attn.head_dim))
         keys = torch.cat((key_past, k)) if start else k          # [end, kv_heads, head_dim]
         values = torch.cat((value_past, v)) if start else v
         mask = _visible_mask(start, start + num_tokens, sliding_window, x.device)
@@ -141,16 +179,18 @@ def sequence_backward_window(model, lora: TrainableLoRA, buffers: SequenceBuffer
     positions = torch.arange(start, end, device=slots.device)
     dtype = buffers.layer_inputs.dtype
     cos, sin = model.rotary(positions, dtype)
-    past_slots = slots[:start]
+    past_slots, window_slots = slots[:start], slots[start:end]
     for index in reversed(range(layer_start, top)):
         cache = kv_caches[index]
         kv_heads, head_dim = cache.key.shape[2], cache.key.shape[3]
         key_past = cache.key.view(-1, kv_heads, head_dim).index_select(0, past_slots)
         value_past = cache.value.view(-1, kv_heads, head_dim).index_select(0, past_slots)
+        key_window = cache.key.view(-1, kv_heads, head_dim).index_select(0, window_slots)
+        value_window = cache.value.view(-1, kv_heads, head_dim).index_select(0, window_slots)
         grad_x, grad_key_past, grad_value_past = layer_backward(
             layers[index], f"model.layers.{index}", lora.get, buffers.layer_inputs[index, start:end], grad,
-            cos, sin, key_past, value_past, *buffers.kv_grads(index, start, end), model.sliding_window,
-            need_input_grad=index > 0)
+            cos, sin, key_past, value_past, key_window, value_window, *buffers.kv_grads(index, start, end),
+            model.sliding_window, need_input_grad=index > 0)
         if start:
             buffers.grad_key[index, :start] += grad_key_past
             buffers.grad_value[index, :start] += grad_value_past

@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 _MAX_LOGIT_ELEMENTS = 1 << 24  # ~64 MB of fp32 logits per chunk: fewer passes over the vocabulary weight
@@ -50,23 +49,38 @@ def loss_and_grad(model, final_hidden: torch.Tensor, targets: torch.Tensor, scal
         end = min(start + rows_per_chunk, num_rows)
         chunk_targets = targets[start:end]
         extra = extra_normed if start == 0 else None      # the sampled rows ride along once
-        has_targets = bool((chunk_targets != IGNORE_INDEX).any())
+        valid = chunk_targets != IGNORE_INDEX
+        has_targets = bool(valid.any())
         if not has_targets and extra is None:
             continue
+        hidden = final_hidden[start:end].detach().requires_grad_(True)
         with torch.enable_grad():
-            hidden = final_hidden[start:end].detach().requires_grad_(True)
             normed = model.model.norm(hidden)
-            if extra is not None:
-                normed = torch.cat((normed, extra.to(normed.dtype)))
-            logits = model.compute_logits(normed)                                   # [rows (+ m), vocab]
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-            train_logits = logits[:end - start]
-            losses = F.cross_entropy(train_logits, chunk_targets, ignore_index=IGNORE_INDEX, reduction="none")
-            if has_targets:
-                weighted = losses * scales[start:end].to(losses.dtype)
-                (chunk_grad,) = torch.autograd.grad(weighted.sum(), hidden)
-                grad[start:end] = chunk_grad
-        row_losses[start:end] = losses.detach()
+        rows = normed.detach() if extra is None else torch.cat((normed.detach(), extra.to(normed.dtype)))
+        logits = model.compute_logits(rows)                                       # [rows (+ m), vocab]
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if extra is not None:
-            extra_logits = logits[end - start:].detach()
+            extra_logits = logits[end - start:]
+        train_logits = logits[:end - start]
+        safe_targets = torch.where(valid, chunk_targets, 0)
+        log_normalizer = torch.logsumexp(train_logits, dim=1)                    # [rows]
+        target_logits = train_logits.gather(1, safe_targets[:, None]).squeeze(1)
+        losses = torch.where(valid, log_normalizer - target_logits, 0.0)
+        row_losses[start:end] = losses
+        if has_targets:
+            # d(loss)/d(logits) = softmax - onehot(target), formed in place in the logits' own
+            # memory: autograd's cross-entropy would allocate and sweep [rows, vocab] several times.
+            probs = train_logits.sub_(log_normalizer[:, None]).exp_()
+            target_rows = valid.nonzero().squeeze(1)
+            probs[target_rows, safe_targets[target_rows]] -= 1.0
+            weights = torch.where(valid, scales[start:end].to(probs.dtype), 0.0)
+            grad_normed = _logits_input_grad(model, probs).mul_(weights[:, None].to(normed.dtype))
+            (chunk_grad,) = torch.autograd.grad(normed, hidden, grad_normed)
+            grad[start:end] = chunk_grad
     return LossResult(row_losses, grad, extra_logits)
+
+
+def _logits_input_grad(model, grad_logits: torch.Tensor) -> torch.Tensor:
+    """Gradient at compute_logits' input given the gradient at its output (it is the linear lm_head)."""
+    weight = model.lm_head.weight                                               # [vocab, hidden]
+    return grad_logits.to(weight.dtype) @ weight

@@ -248,7 +248,7 @@ def test_layer_window_backward_equals_full_sequence_fp64(tiny_llama_dir, tmp_pat
         start = max(0, end - window)
         gx, gk, gv = layer_backward(layer, "model.layers.1", trainer.lora.get, x[start:end], grad_out[start:end],
                                     cos[start:end], sin[start:end], keys[:start], values[:start],
-                                    grad_key[start:end], grad_value[start:end], None, need_input_grad=True)
+                                    keys[start:end], values[start:end], grad_key[start:end], grad_value[start:end], None, need_input_grad=True)
         grad_x[start:end] = gx
         if start:
             grad_key[:start] += gk
