@@ -24,6 +24,7 @@ from benchmarks.machine import _linear_params_per_layer as linear_params_per_lay
 from benchmarks.machine import gemm_gflops, machine_info, resolve_device
 from benchmarks.peft_reference import measure_peft_saved_bytes, peft_train_throughput
 from benchmarks.trace import MIN_TOKEN_ID
+from coserve.graph.prune_backward import RECOMPUTED
 
 
 def progress(message: str) -> None:
@@ -35,9 +36,7 @@ TARGETS = {"saved_bytes_ratio": 0.125, "speedup_vs_peft": 0.8}
 """saved_bytes_ratio is a ceiling (at most 1/8 of peft's), speedup_vs_peft a floor."""
 LORA_R, LORA_ALPHA = 16, 32
 FINETUNE_ADAPTER = "ft"
-RECOMPUTED = ("norms, q/k/v/o projections, attention, gate/up and the activation are recomputed from each "
-              "layer's saved input during the backward; down_proj's output and the vocabulary projection "
-              "are not (the loss gradient at the final hidden state is kept from the forward)")
+
 
 
 @dataclass(frozen=True)
@@ -147,13 +146,14 @@ def recompute_flop_share(cfg) -> float:
 
     Per token: forward 2 x linears + 2 x hidden x vocab (logits), the logits' gradient at the final
     state 2 x hidden x vocab, input gradients through every frozen linear 2 x linears, and the
-    recompute 2 x (linears - down_proj). Attention and LoRA are left out (small at 512 tokens).
+    recompute 2 x (linears - k/v/down projections). Attention and LoRA are left out (small at 512 tokens).
     """
     per_layer, shapes = linear_params_per_layer(cfg)
     linears = per_layer * cfg.num_hidden_layers
-    down = shapes[-1][0] * shapes[-1][1] * cfg.num_hidden_layers
+    # not recomputed: k_proj and v_proj (their outputs are in the KV cache) and down_proj
+    skipped = sum(shapes[i][0] * shapes[i][1] for i in (1, 2, 6)) * cfg.num_hidden_layers
     vocab = cfg.hidden_size * cfg.vocab_size
-    recompute = 2 * (linears - down)
+    recompute = 2 * (linears - skipped)
     return recompute / (2 * linears + 2 * vocab + 2 * vocab + 2 * linears + recompute)
 
 

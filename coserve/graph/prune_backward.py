@@ -20,9 +20,10 @@ from coserve.finetune.buffers import SequenceBuffers
 from coserve.models.attention import kv_cache_bytes_per_block
 from coserve.models.llama import CausalLM, head_dim_of
 
-RECOMPUTED = ("norms, q/k/v/o projections with LoRA, rotary, attention, gate/up projections and the "
-              "activation are recomputed from each layer's saved input; the down projection's output and the "
-              "vocabulary projection are not (their gradients need neither)")
+RECOMPUTED = ("norms, q/o projections with LoRA, rotary, attention, gate/up projections and the activation "
+              "are recomputed from each layer's saved input; the window's K/V are read back from the KV cache "
+              "(their projections are only differentiated), and the down projection's output and the "
+              "vocabulary projection are not needed (their gradients need neither)")
 
 
 @dataclass
