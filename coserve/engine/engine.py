@@ -53,6 +53,7 @@ class Engine:
             self.eos_token_id = getattr(model_config, "eos_token_id", None)
 
         self.lora_context = LoRAContext(use_ref=config.use_lora_ref, use_cpu_kernel=self.device.type == "cpu")
+        self.model.use_cpu_kernel(self.lora_context.cpu_kernel)   # the vocabulary projection's few-row path
         self.inject_report = inject_adapters(self.model, "all-linear", config.max_loras, self.lora_context,
                                              shared_input_groups=self.model.SHARED_INPUT_LINEARS)
         self.adapters = AdapterManager(self.model, self.lora_context, config.max_loras, config.max_lora_rank,

@@ -74,13 +74,8 @@ def loss_and_grad(model, final_hidden: torch.Tensor, targets: torch.Tensor, scal
             target_rows = valid.nonzero().squeeze(1)
             probs[target_rows, safe_targets[target_rows]] -= 1.0
             weights = torch.where(valid, scales[start:end].to(probs.dtype), 0.0)
-            grad_normed = _logits_input_grad(model, probs).mul_(weights[:, None].to(normed.dtype))
+            grad_normed = model.logits_input_grad(probs).mul_(weights[:, None].to(normed.dtype))
             (chunk_grad,) = torch.autograd.grad(normed, hidden, grad_normed)
             grad[start:end] = chunk_grad
     return LossResult(row_losses, grad, extra_logits)
 
-
-def _logits_input_grad(model, grad_logits: torch.Tensor) -> torch.Tensor:
-    """Gradient at compute_logits' input given the gradient at its output (it is the linear lm_head)."""
-    weight = model.lm_head.weight                                               # [vocab, hidden]
-    return grad_logits.to(weight.dtype) @ weight

@@ -69,6 +69,15 @@ def kernel_applies(y: torch.Tensor, x: torch.Tensor) -> bool:
     )
 
 
+def few_rows_linear(kernel: ModuleType, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [n, in] @ weight[out, in]^T through the kernel's shrink: each weight row is read once.
+
+    Faster than the GEMM library for up to about 64 rows on any weight; callers check
+    `kernel_applies` (fp32, contiguous rows, no autograd) and pass a contiguous weight.
+    """
+    return kernel.lora_shrink(x, [0], [x.shape[0]], [weight])[0]
+
+
 def split_segments(segments: Sequence[Segment]) -> tuple[list[Segment], list[Segment]]:
     """(segments the kernel takes, segments left to the GEMM library)."""
     small = [seg for seg in segments if seg[2] - seg[1] <= KERNEL_MAX_ROWS]

@@ -33,52 +33,46 @@ inline __mmask16 tail_mask(int64_t remaining) {
   return remaining >= kLanes ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << remaining) - 1);
 }
 
-// out[r * ldo + 0/1] = dot(a0/a1, x[r]) for r < N; two weight rows share each load of x.
+// out[r * ldo + j] = dot(a_j, x[r]) for r < N, j < 4: four weight rows share each load of x,
+// so 16 accumulators are live and every x load feeds 4 FMAs.
 template <int N>
-inline void dot_two_rows(const float* a0, const float* a1, const float* x, int64_t ldx, int64_t len, float* out,
-                         int64_t ldo) {
-  __m512 acc0[N], acc1[N];
-  for (int r = 0; r < N; ++r) {
-    acc0[r] = _mm512_setzero_ps();
-    acc1[r] = _mm512_setzero_ps();
-  }
-  for (int64_t j = 0; j < len; j += kLanes) {
-    const __mmask16 mask = tail_mask(len - j);
-    const __m512 va0 = _mm512_maskz_loadu_ps(mask, a0 + j);
-    const __m512 va1 = _mm512_maskz_loadu_ps(mask, a1 + j);
+inline void dot_four_rows(const float* const* a, const float* x, int64_t ldx, int64_t len, float* out,
+                          int64_t ldo) {
+  __m512 acc[N][4];
+  for (int r = 0; r < N; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < len; i += kLanes) {
+    const __mmask16 mask = tail_mask(len - i);
+    __m512 va[4];
+    for (int j = 0; j < 4; ++j) va[j] = _mm512_maskz_loadu_ps(mask, a[j] + i);
     for (int r = 0; r < N; ++r) {
-      const __m512 vx = _mm512_maskz_loadu_ps(mask, x + r * ldx + j);
-      acc0[r] = _mm512_fmadd_ps(va0, vx, acc0[r]);
-      acc1[r] = _mm512_fmadd_ps(va1, vx, acc1[r]);
+      const __m512 vx = _mm512_maskz_loadu_ps(mask, x + r * ldx + i);
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_fmadd_ps(va[j], vx, acc[r][j]);
     }
   }
-  for (int r = 0; r < N; ++r) {
-    out[r * ldo] = _mm512_reduce_add_ps(acc0[r]);
-    out[r * ldo + 1] = _mm512_reduce_add_ps(acc1[r]);
-  }
+  for (int r = 0; r < N; ++r)
+    for (int j = 0; j < 4; ++j) out[r * ldo + j] = _mm512_reduce_add_ps(acc[r][j]);
 }
 
 // h[i * ldh + k] = dot(a[k], x[i]) for k < num_a_rows, i < n.
 void shrink_block(const float* a, int64_t num_a_rows, const float* x, int64_t ldx, int64_t n, int64_t len, float* h,
                   int64_t ldh) {
-  float pair[kRowTile * 2];
-  for (int64_t k = 0; k < num_a_rows; k += 2) {
-    const bool has_second = k + 1 < num_a_rows;
-    const float* a0 = a + k * len;
-    const float* a1 = has_second ? a0 + len : a0;
+  float block[kRowTile * 4];
+  for (int64_t k = 0; k < num_a_rows; k += 4) {
+    const int64_t live = std::min<int64_t>(4, num_a_rows - k);
+    const float* rows[4];
+    for (int64_t j = 0; j < 4; ++j) rows[j] = a + (k + std::min(j, live - 1)) * len;  // tail: repeat, store live only
     for (int64_t i = 0; i < n; i += kRowTile) {
-      const int64_t rows = std::min(kRowTile, n - i);
+      const int64_t m = std::min(kRowTile, n - i);
       const float* xi = x + i * ldx;
-      switch (rows) {
-        case 4: dot_two_rows<4>(a0, a1, xi, ldx, len, pair, 2); break;
-        case 3: dot_two_rows<3>(a0, a1, xi, ldx, len, pair, 2); break;
-        case 2: dot_two_rows<2>(a0, a1, xi, ldx, len, pair, 2); break;
-        default: dot_two_rows<1>(a0, a1, xi, ldx, len, pair, 2); break;
+      switch (m) {
+        case 4: dot_four_rows<4>(rows, xi, ldx, len, block, 4); break;
+        case 3: dot_four_rows<3>(rows, xi, ldx, len, block, 4); break;
+        case 2: dot_four_rows<2>(rows, xi, ldx, len, block, 4); break;
+        default: dot_four_rows<1>(rows, xi, ldx, len, block, 4); break;
       }
-      for (int64_t r = 0; r < rows; ++r) {
-        h[(i + r) * ldh + k] = pair[r * 2];
-        if (has_second) h[(i + r) * ldh + k + 1] = pair[r * 2 + 1];
-      }
+      for (int64_t r = 0; r < m; ++r)
+        for (int64_t j = 0; j < live; ++j) h[(i + r) * ldh + k + j] = block[r * 4 + j];
     }
   }
 }
