@@ -10,7 +10,9 @@ AVX-512, no compiler, a failed build, or COSERVE_LORA_CPU_KERNEL=0.
 
 `lora_apply_cpu` has the semantics of `ops.lora_apply_grouped`; segments of
 more than `KERNEL_MAX_ROWS` rows (prefill chunks) still go to the GEMM
-library, which is faster there.
+library, which is faster there. `few_rows_linear` is the same shrink as a
+plain x @ W^T: the model uses it for the vocabulary projection of a few rows
+and for that projection's input gradient in finetuning.
 """
 from __future__ import annotations
 
