@@ -57,7 +57,9 @@ def loss_and_grad(model, final_hidden: torch.Tensor, targets: torch.Tensor, scal
         with torch.enable_grad():
             normed = model.model.norm(hidden)
         rows = normed.detach() if extra is None else torch.cat((normed.detach(), extra.to(normed.dtype)))
-        logits = model.compute_logits(rows)                                       # [rows (+ m), vocab]
+        # NOTE: the logits land in the model's reused buffer. The sampled rows' logits stay valid
+        # after this loop: they follow the first chunk's rows, and later chunks are never longer.
+        logits = model.compute_logits(rows, reuse_buffer=True)                    # [rows (+ m), vocab]
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if extra is not None:
             extra_logits = logits[end - start:]
