@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Sequence
@@ -80,29 +81,44 @@ def few_rows_linear(kernel: ModuleType, x: torch.Tensor, weight: torch.Tensor) -
     return kernel.lora_shrink(x, [0], [x.shape[0]], [weight])[0]
 
 
-def split_segments(segments: Sequence[Segment]) -> tuple[list[Segment], list[Segment]]:
-    """(segments the kernel takes, segments left to the GEMM library)."""
-    small = [seg for seg in segments if seg[2] - seg[1] <= KERNEL_MAX_ROWS]
-    large = [seg for seg in segments if seg[2] - seg[1] > KERNEL_MAX_ROWS]
-    return small, large
+@dataclass(frozen=True)
+class KernelPlan:
+    """A batch's segments split between the kernel and the GEMM, made once per batch (every layer reads it)."""
+
+    slots: list[int]
+    starts: list[int]
+    ends: list[int]
+    large: list[Segment]
+    """Segments of more than KERNEL_MAX_ROWS rows: left to the GEMM library."""
+
+    @classmethod
+    def of(cls, segments: Sequence[Segment]) -> "KernelPlan":
+        small = [seg for seg in segments if seg[2] - seg[1] <= KERNEL_MAX_ROWS]
+        return cls([seg[0] for seg in small], [seg[1] for seg in small], [seg[2] for seg in small],
+                   [seg for seg in segments if seg[2] - seg[1] > KERNEL_MAX_ROWS])
+
+    def present(self, weights: Sequence[torch.Tensor | None]) -> tuple[list[int], list[int], list[int]]:
+        """(slots, starts, ends) of the kernel's segments whose slot holds weights here."""
+        if all(weights[slot] is not None for slot in self.slots):
+            return self.slots, self.starts, self.ends
+        keep = [i for i, slot in enumerate(self.slots) if weights[slot] is not None]
+        return ([self.slots[i] for i in keep], [self.starts[i] for i in keep], [self.ends[i] for i in keep])
 
 
 def lora_apply_cpu(
     kernel: ModuleType,
     y: torch.Tensor,
     x: torch.Tensor,
-    segments: Sequence[Segment],
+    plan: KernelPlan,
     lora_a: Sequence[torch.Tensor | None],
     lora_b: Sequence[torch.Tensor | None],
+    lora_b_t: Sequence[torch.Tensor | None],
     scalings: Sequence[float],
 ) -> torch.Tensor:
-    """Same result as `lora_apply_grouped` (lora_b[s].T must be contiguous, as layers store it)."""
-    small, large = split_segments(segments)
-    small = [seg for seg in small if lora_a[seg[0]] is not None and lora_b[seg[0]] is not None]
-    if small:
-        starts = [start for _, start, _ in small]
-        ends = [end for _, _, end in small]
-        h = kernel.lora_shrink(x, starts, ends, [lora_a[slot] for slot, _, _ in small])
-        kernel.lora_expand(y, starts, ends, h, [0] * len(small), [lora_b[slot].T for slot, _, _ in small],
-                           [float(scalings[slot]) for slot, _, _ in small])
-    return lora_apply_grouped(y, x, large, lora_a, lora_b, scalings)
+    """Same result as `lora_apply_grouped` over the plan's segments; lora_b_t[s] is lora_b[s].T, contiguous."""
+    slots, starts, ends = plan.present(lora_a)
+    if slots:
+        h = kernel.lora_shrink(x, starts, ends, [lora_a[slot] for slot in slots])
+        kernel.lora_expand(y, starts, ends, h, [0] * len(slots), [lora_b_t[slot] for slot in slots],
+                           [float(scalings[slot]) for slot in slots])
+    return lora_apply_grouped(y, x, plan.large, lora_a, lora_b, scalings)

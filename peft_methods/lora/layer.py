@@ -9,6 +9,7 @@ with no batch set the layer is the plain base linear.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -16,7 +17,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from peft_methods.lora.cpu_kernel import kernel_applies, load_cpu_kernel, lora_apply_cpu
+from peft_methods.lora.cpu_kernel import KernelPlan, kernel_applies, load_cpu_kernel, lora_apply_cpu
 from peft_methods.lora.ops import Segment, lora_apply_grouped, lora_apply_ref, segments_from_slots
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,11 @@ class LoRABatch:
     @property
     def num_tokens(self) -> int:
         return self.token_slots.shape[0]
+
+    @functools.cached_property
+    def kernel_plan(self) -> KernelPlan:
+        """The segments split for the CPU kernel, made once for all layers of the forward."""
+        return KernelPlan.of(self.segments)
 
 
 class LoRAContext:
@@ -101,16 +107,17 @@ class LoRAContext:
         x: torch.Tensor,
         lora_a: Sequence[torch.Tensor | None],
         lora_b: Sequence[torch.Tensor | None],
+        lora_b_t: Sequence[torch.Tensor | None],
         scalings: Sequence[float],
     ) -> torch.Tensor:
-        """Add the current batch's LoRA deltas to y [T, out] in place (x is [T, in])."""
+        """Add the current batch's LoRA deltas to y [T, out] in place (x is [T, in]; lora_b_t[s] = lora_b[s].T)."""
         batch = self.batch
         if batch.num_tokens != x.shape[0]:
             raise ValueError(f"LoRABatch covers {batch.num_tokens} tokens but the layer got {x.shape[0]} rows")
         if self._use_ref:
             return lora_apply_ref(y, x, batch.token_slots, lora_a, lora_b, scalings)
         if self.kernel_for(y, x) is not None:
-            return lora_apply_cpu(self.cpu_kernel, y, x, batch.segments, lora_a, lora_b, scalings)
+            return lora_apply_cpu(self.cpu_kernel, y, x, batch.kernel_plan, lora_a, lora_b, lora_b_t, scalings)
         return lora_apply_grouped(y, x, batch.segments, lora_a, lora_b, scalings)
 
     def kernel_for(self, y: torch.Tensor, x: torch.Tensor):
@@ -133,7 +140,8 @@ class MultiLoRALinear(nn.Module):
         # NOTE: plain lists, not buffers: slots are serving state, kept out of
         # state_dict and loaded by the adapter manager after the model is placed.
         self.lora_a: list[torch.Tensor | None] = [None] * max_loras  # [r_s, in]
-        self.lora_b: list[torch.Tensor | None] = [None] * max_loras  # [out, r_s]
+        self.lora_b: list[torch.Tensor | None] = [None] * max_loras  # [out, r_s], a view of lora_b_t's
+        self.lora_b_t: list[torch.Tensor | None] = [None] * max_loras  # [r_s, out] contiguous
         self.scalings: list[float] = [0.0] * max_loras
         self.shared_shrink = None    # SharedShrink with sibling layers reading the same input, if any
         self.shared_index = -1
@@ -171,6 +179,7 @@ class MultiLoRALinear(nn.Module):
             # reads fastest; lora_b[slot] is a [out, r] view of it for the reference op.
             lora_b_t = torch.empty((rank, self.out_features), device=weight.device, dtype=weight.dtype)
             lora_b_t.copy_(lora_b.detach().T)
+            self.lora_b_t[slot] = lora_b_t
             self.lora_b[slot] = lora_b_t.T
         self.scalings[slot] = float(scaling)
         if self.shared_shrink is not None:
@@ -180,6 +189,7 @@ class MultiLoRALinear(nn.Module):
         self._check_slot(slot)
         self.lora_a[slot] = None
         self.lora_b[slot] = None
+        self.lora_b_t[slot] = None
         self.scalings[slot] = 0.0
         if self.shared_shrink is not None:
             self.shared_shrink.rebuild(slot)
@@ -204,7 +214,7 @@ class MultiLoRALinear(nn.Module):
                                  f"got {rows.shape[0]} rows")
             self.shared_shrink.apply(self, x, rows, y, self.context.batch)
         else:
-            self.context.apply(y, rows, self.lora_a, self.lora_b, self.scalings)
+            self.context.apply(y, rows, self.lora_a, self.lora_b, self.lora_b_t, self.scalings)
         return out
 
     def extra_repr(self) -> str:

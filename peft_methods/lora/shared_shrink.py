@@ -15,8 +15,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from peft_methods.lora.cpu_kernel import KERNEL_MAX_ROWS
-
 if TYPE_CHECKING:
     from peft_methods.lora.layer import LoRABatch, MultiLoRALinear
 
@@ -34,7 +32,8 @@ class SharedShrink:
         self.columns: list[list[tuple[int, int] | None]] = [[None] * len(members) for _ in range(max_loras)]
         self._cached_x: torch.Tensor | None = None
         self._cached_batch: "LoRABatch | None" = None
-        self._cached_h: list[torch.Tensor | None] = []
+        self._cached_h: dict = {}
+        self._cached_kernel = None
         for index, member in enumerate(members):
             member.attach_shared_shrink(self, index)
 
@@ -57,42 +56,48 @@ class SharedShrink:
         kernel = member.context.kernel_for(y, x)
         # NOTE: identity of the held input and batch (not ids) decides reuse, so a new forward whose
         # tensors happen to reuse freed memory can never read a stale shrink.
-        if not (self._cached_x is x_key and self._cached_batch is batch):
-            self._cached_h = self._shrink(x, batch.segments, kernel)
-            self._cached_x, self._cached_batch = x_key, batch
+        if not (self._cached_x is x_key and self._cached_batch is batch and self._cached_kernel is kernel):
+            self._cached_h = self._shrink(x, batch, kernel)
+            self._cached_x, self._cached_batch, self._cached_kernel = x_key, batch, kernel
         index = member.shared_index
-        kernel_work: list[tuple[int, int, torch.Tensor, int, int]] = []  # (start, end, h, column, slot)
-        for (slot, start, end), h in zip(batch.segments, self._cached_h):
+        if kernel is not None:
+            self._expand_with_kernel(kernel, member, index, y, batch.kernel_plan)
+            gemm_segments = batch.kernel_plan.large
+        else:
+            gemm_segments = batch.segments
+        for slot, start, end in gemm_segments:
+            h = self._cached_h.get((slot, start))
             columns = self.columns[slot][index] if h is not None else None
-            if columns is None:
-                continue
-            if kernel is not None and end - start <= KERNEL_MAX_ROWS:
-                kernel_work.append((start, end, h, columns[0], slot))
-            else:
-                y[start:end].addmm_(h[:, columns[0]:columns[1]], member.lora_b[slot].T,
+            if columns is not None:
+                y[start:end].addmm_(h[:, columns[0]:columns[1]], member.lora_b_t[slot],
                                     alpha=member.scalings[slot])
-        if kernel_work:
-            kernel.lora_expand(y, [w[0] for w in kernel_work], [w[1] for w in kernel_work],
-                               [w[2] for w in kernel_work], [w[3] for w in kernel_work],
-                               [member.lora_b[w[4]].T for w in kernel_work],
-                               [float(member.scalings[w[4]]) for w in kernel_work])
 
-    def _shrink(self, x: torch.Tensor, segments, kernel) -> list[torch.Tensor | None]:
-        """x[start:end] @ A_cat^T for every segment (None where the slot has no A here)."""
-        shrunk: list[torch.Tensor | None] = [None] * len(segments)
-        small = []
-        for position, (slot, start, end) in enumerate(segments):
-            a_cat = self.a_cat[slot]
-            if a_cat is None:
-                continue
-            if kernel is not None and end - start <= KERNEL_MAX_ROWS:
-                small.append(position)
-            else:
-                shrunk[position] = x[start:end] @ a_cat.T
-        if small:
-            picked = [segments[p] for p in small]
-            results = kernel.lora_shrink(x, [seg[1] for seg in picked], [seg[2] for seg in picked],
-                                         [self.a_cat[seg[0]] for seg in picked])
-            for position, h in zip(small, results):
-                shrunk[position] = h
+    def _expand_with_kernel(self, kernel, member: "MultiLoRALinear", index: int, y: torch.Tensor, plan) -> None:
+        """The member's expand of every kernel-sized segment, in one call."""
+        shrunk = self._cached_h["kernel"]       # one h per plan segment whose slot has an A here
+        slots, starts, ends = plan.present(self.a_cat)
+        work = [(position, slot) for position, slot in enumerate(slots) if self.columns[slot][index] is not None]
+        if len(work) != len(slots):
+            starts = [starts[p] for p, _ in work]
+            ends = [ends[p] for p, _ in work]
+        if work:
+            kernel.lora_expand(y, starts, ends, [shrunk[p] for p, _ in work],
+                               [self.columns[slot][index][0] for _, slot in work],
+                               [member.lora_b_t[slot] for _, slot in work],
+                               [float(member.scalings[slot]) for _, slot in work])
+
+    def _shrink(self, x: torch.Tensor, batch: "LoRABatch", kernel) -> dict:
+        """x[start:end] @ A_cat^T: per (slot, start) for GEMM segments, as a list under "kernel" for the rest."""
+        shrunk: dict = {}
+        if kernel is not None:
+            plan = batch.kernel_plan
+            slots, starts, ends = plan.present(self.a_cat)
+            shrunk["kernel"] = (kernel.lora_shrink(x, starts, ends, [self.a_cat[slot] for slot in slots])
+                                if slots else [])
+            gemm_segments = plan.large
+        else:
+            gemm_segments = batch.segments
+        for slot, start, end in gemm_segments:
+            if self.a_cat[slot] is not None:
+                shrunk[(slot, start)] = x[start:end] @ self.a_cat[slot].T
         return shrunk

@@ -9,7 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from peft_methods.lora.cpu_kernel import KERNEL_MAX_ROWS, kernel_applies, load_cpu_kernel, lora_apply_cpu
+from peft_methods.lora.cpu_kernel import (
+    KERNEL_MAX_ROWS,
+    KernelPlan,
+    kernel_applies,
+    load_cpu_kernel,
+    lora_apply_cpu,
+)
 from peft_methods.lora.layer import LoRABatch, LoRAContext, MultiLoRALinear
 from peft_methods.lora.ops import lora_apply_ref, segments_from_slots
 from peft_methods.lora.shared_shrink import SharedShrink
@@ -48,7 +54,9 @@ def test_kernel_equals_reference(kernel, in_features, out_features):
     x = torch.randn(len(slots), in_features)
     base = torch.randn(len(slots), out_features)
     expected = lora_apply_ref(base.clone(), x, torch.tensor(slots), lora_a, lora_b, scalings)
-    got = lora_apply_cpu(kernel, base.clone(), x, segments_from_slots(slots), lora_a, lora_b, scalings)
+    lora_b_t = [None if b is None else b.T for b in lora_b]
+    got = lora_apply_cpu(kernel, base.clone(), x, KernelPlan.of(segments_from_slots(slots)), lora_a, lora_b,
+                         lora_b_t, scalings)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
     untouched = torch.tensor(slots) == -1
     assert torch.equal(got[untouched], base[untouched])
