@@ -16,7 +16,7 @@ from torch import nn
 
 from coserve.models.attention import AttentionMetadata, LayerKVCache, paged_attention
 from coserve.models.layers import RMSNorm, RotaryEmbedding, apply_rotary
-from peft_methods.lora.cpu_kernel import few_rows_linear
+from peft_methods.lora.cpu_kernel import few_rows_linear, kernel_applies
 
 SUPPORTED_ARCHITECTURES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
 
@@ -186,8 +186,7 @@ class CausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def _kernel_takes(self, rows: torch.Tensor) -> bool:
-        return (self.cpu_kernel is not None and rows.dim() == 2 and rows.dtype == torch.float32
-                and rows.device.type == "cpu" and rows.stride(1) == 1 and not torch.is_grad_enabled())
+        return self.cpu_kernel is not None and rows.dim() == 2 and kernel_applies(rows, rows)
 
     def logits_input_grad(self, grad_logits: torch.Tensor) -> torch.Tensor:
         """Gradient at compute_logits' input: grad_logits [n, vocab] @ W [vocab, hidden] -> [n, hidden]."""

@@ -17,7 +17,6 @@ and for that projection's input gradient in finetuning.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,6 @@ import torch
 
 from peft_methods.lora.ops import Segment, lora_apply_grouped
 
-logger = logging.getLogger(__name__)
 
 KERNEL_MAX_ROWS = 128
 """Measured on 2 AVX-512 cores: the kernel wins up to 128 rows per segment, the GEMM from 256."""
