@@ -10,7 +10,7 @@ fresh Deployment:
 - inference_only: 1 co-serving worker, no job. Gives the maximum throughput
   (a burst, through the deployment), the trace's rate (LOAD_FRACTION of it)
   and the SLO (TTFT <= 4x, TPOT <= 2x its p50 on the trace).
-- coserving: 1 worker with all CPUs, `tpot_slo_ms` = tpot_safety x the TPOT
+- coserving: 1 worker with all CPUs, `tpot_slo_ms` and `ttft_slo_ms` = tpot_safety x the
   SLO (latency profiled by the worker at start-up), the trace plus the job.
 - spatial: Deployment mode "spatial": an inference-only and a finetuning-only
   actor, each half the CPUs; the trace goes to one, the job to the other.
@@ -50,6 +50,7 @@ from benchmarks.coserving import (
     Setting,
     WindowResult,
     coserving_gflops,
+    coserving_slo_kwargs,
     coserving_tpot_slo_ms,
     draw_trace,
     engine_kwargs,
@@ -457,7 +458,7 @@ def run_cluster_coserving_benchmark(quick: bool, device: str = "auto", smoke: bo
 
             coserve, extra, where["coserving"] = _shared_mode(ctx, trace, window, workdir, "bench-coserving",
                                                               "coserve", use_gpu, cores, INFERENCE_BUDGET,
-                                                              tpot_slo_ms=tpot_slo_ms)
+                                                              **coserving_slo_kwargs(setting, slo))
             modes["coserving"] = {**_mode_figures(coserve, extra, slo, window), "engine_budget": coserve.budget}
             progress(f"coserving: {modes['coserving']['slo_attainment']:.3f} SLO, "
                      f"{modes['coserving']['finetune_tokens_per_s']} finetune tokens/s")

@@ -36,8 +36,16 @@ class SchedulerConfig:
     """"coserve": finetuning fills each iteration's leftover budget; "temporal": turns alternate."""
     temporal_turn_tokens: int = 256
     """Finetuning tokens (forward or backward) in one temporal-sharing turn."""
+    temporal_turn_every: int = 1
+    """Temporal sharing: inference iterations between two finetuning turns (while both have work)."""
     finetune_kv_fraction: float = 0.5
     """Most of the KV blocks finetuning sequences may hold."""
+    min_prefill_chunk: int = 32
+    """With a TPOT SLO, a prefill chunk beside running decodes is cut so the iteration's predicted
+    latency stays under the SLO, but never below this many tokens (new prompts keep moving)."""
+    ttft_slo_ms: float | None = None
+    """With a TPOT SLO: prefill chunks beside decodes are never cut below what keeps every prompt
+    within this time to first token. None: they are cut to the TPOT SLO alone."""
     min_finetune_tokens: int = 16
     """Smallest finetuning chunk or window worth scheduling (unless less work is left)."""
     finetune_starvation_iterations: int = 256
@@ -52,6 +60,10 @@ class SchedulerConfig:
                f"max_num_seqs must be a positive integer, got {self.max_num_seqs!r}")
         _check(_is_positive_int(self.max_loras),
                f"max_loras must be a positive integer, got {self.max_loras!r}")
+        _check(self.ttft_slo_ms is None or (isinstance(self.ttft_slo_ms, (int, float)) and self.ttft_slo_ms > 0),
+               f"ttft_slo_ms must be positive or None, got {self.ttft_slo_ms!r}")
+        _check(_is_positive_int(self.min_prefill_chunk),
+               f"min_prefill_chunk must be a positive integer, got {self.min_prefill_chunk!r}")
         _check(_is_positive_int(self.finetune_starvation_iterations),
                f"finetune_starvation_iterations must be a positive integer, got {self.finetune_starvation_iterations!r}")
         _check(isinstance(self.enable_chunked_prefill, bool),
@@ -114,12 +126,17 @@ class EngineConfig:
     tpot_slo_ms: float | None = None
     """Per-iteration latency target; finetuning fills only what inference leaves under it.
     None: no SLO, the iteration budget is max_num_batched_tokens (backward tokens weighted)."""
+    ttft_slo_ms: float | None = None
+    """Time-to-first-token target, used with tpot_slo_ms: prompts are cut into chunks that keep
+    running decodes under the TPOT SLO, but never so small that a prompt would miss this target."""
     latency_profile: str | None = None
     """JSON file with a saved latency profile: loaded if it exists, else written after profiling."""
     sharing: str = "coserve"
     """"coserve": finetuning shares each iteration; "temporal": separate iterations take turns."""
     temporal_turn_tokens: int = 256
     """With sharing="temporal": tokens of finetuning work in one finetuning turn."""
+    temporal_turn_every: int = 1
+    """With sharing="temporal": inference iterations between two finetuning turns."""
     finetune_kv_fraction: float = 0.5
     """Most of the KV cache finetuning sequences may hold, so inference is never starved."""
 
@@ -144,6 +161,8 @@ class EngineConfig:
                f"sharing must be 'coserve' or 'temporal', got {self.sharing!r}")
         _check(_is_positive_int(self.temporal_turn_tokens),
                f"temporal_turn_tokens must be a positive integer, got {self.temporal_turn_tokens!r}")
+        _check(_is_positive_int(self.temporal_turn_every),
+               f"temporal_turn_every must be a positive integer, got {self.temporal_turn_every!r}")
         _check(isinstance(self.finetune_kv_fraction, (int, float)) and 0 < self.finetune_kv_fraction <= 1,
                f"finetune_kv_fraction must be in (0, 1], got {self.finetune_kv_fraction!r}")
         # Validates the shared fields with the messages of the configs that own them.
@@ -154,7 +173,8 @@ class EngineConfig:
         return SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.max_loras,
                                self.enable_chunked_prefill, sharing=self.sharing,
                                temporal_turn_tokens=self.temporal_turn_tokens,
-                               finetune_kv_fraction=self.finetune_kv_fraction)
+                               temporal_turn_every=self.temporal_turn_every,
+                               finetune_kv_fraction=self.finetune_kv_fraction, ttft_slo_ms=self.ttft_slo_ms)
 
     def cache_config(self) -> CacheConfig:
         return CacheConfig(self.block_size, self.num_kv_blocks)

@@ -1,12 +1,15 @@
 """The iteration budget: from the TPOT SLO and a latency profile, or in tokens without an SLO.
 
 With `tpot_slo_ms`, the engine profiles iteration latency at start-up (or
-loads the saved profile named by `latency_profile`); inference is scheduled as
-in an inference-only engine and finetuning is added only while the
+loads the saved profile named by `latency_profile`); inference is scheduled
+first (a prompt's chunk beside running decodes is cut to the SLO, see
+`Scheduler._iteration_token_budget`) and finetuning is added only while the
 iteration's predicted latency stays under the SLO (the prediction is refitted
 online from measured iterations, see `cost_model.py`). Without an SLO the budget
 is `max_num_batched_tokens` forward tokens, a backward token counting as
-several (`DEFAULT_BACKWARD_TOKEN_RATIO`).
+several (`DEFAULT_BACKWARD_TOKEN_RATIO`). Temporal sharing uses the profile
+too: a turn's K tokens count backward work, its windows' fixed cost included,
+in forward tokens.
 """
 from __future__ import annotations
 
@@ -40,15 +43,14 @@ class Budget:
 
 def configure_budget(engine) -> Budget:
     config = engine.config
+    needs_profile = config.tpot_slo_ms is not None or config.sharing == "temporal"
+    profile, loaded = _measured_profile(engine) if needs_profile else (None, False)
+    if config.sharing == "temporal":
+        # A turn's K tokens count backward work in forward tokens, its windows' fixed cost included.
+        engine.scheduler.set_turn_costs(CostModel.from_dict(profile).in_token_units())
     if config.tpot_slo_ms is None:
         budget = Budget(CostModel.token_units(), float(config.max_num_batched_tokens), None, None)
     else:
-        profile = _load_profile(config.latency_profile)
-        loaded = profile is not None
-        if profile is None:
-            profile = profile_latency(engine)
-            if config.latency_profile:
-                _save_profile(config.latency_profile, profile)
         cost_model = CostModel.from_dict(profile)
         if loaded:
             cost_model.scale = min(MAX_SCALE, max(MIN_SCALE, measure_scale(engine, cost_model)))
@@ -60,6 +62,19 @@ def configure_budget(engine) -> Budget:
                            config.tpot_slo_ms, 1e3 * budget.cost_model.predict(IterationShape(prefill_tokens=1)))
     engine.scheduler.set_budget(budget.cost_model, budget.limit)
     return budget
+
+
+def _measured_profile(engine) -> tuple[dict, bool]:
+    """The latency profile (loaded from `latency_profile` if saved there, else measured now and saved)
+    and whether it was loaded."""
+    path = engine.config.latency_profile
+    profile = _load_profile(path)
+    if profile is not None:
+        return profile, True
+    profile = profile_latency(engine)
+    if path:
+        _save_profile(path, profile)
+    return profile, False
 
 
 def _load_profile(path: str | None) -> dict | None:

@@ -95,8 +95,16 @@ class CostModel:
             raise ValueError("per-token costs must be positive")
 
     @classmethod
-    def token_units(cls, backward_token_ratio: float = DEFAULT_BACKWARD_TOKEN_RATIO) -> "CostModel":
-        return cls(0.0, 1.0, 0.0, backward_token_ratio, unit="tokens")
+    def token_units(cls, backward_token_ratio: float = DEFAULT_BACKWARD_TOKEN_RATIO,
+                    backward_base_tokens: float = 0.0) -> "CostModel":
+        """Costs in forward tokens: a backward token costs `backward_token_ratio` of them and each
+        backward window (through every layer) `backward_base_tokens` more."""
+        return cls(0.0, 1.0, backward_base_tokens, backward_token_ratio, unit="tokens")
+
+    def in_token_units(self) -> "CostModel":
+        """This profile's backward in finetuning-forward-token units (for temporal turns)."""
+        token = self.train_forward_per_token or self.forward_per_token
+        return CostModel.token_units(self.backward_per_token / token, self.backward_base / token)
 
     # ---- coefficients -------------------------------------------------------------------------
 
@@ -146,6 +154,10 @@ class CostModel:
     @property
     def adapter_cost(self) -> float:
         return self.coefficients[5]
+
+    @property
+    def prefill_token_cost(self) -> float:
+        return self.coefficients[2]
 
     def train_forward_cost(self, num_tokens: int) -> float:
         """Marginal cost of `num_tokens` finetuning forward tokens (fixed and adapter costs apart)."""

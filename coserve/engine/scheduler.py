@@ -41,21 +41,71 @@ class Scheduler:
         # Without an SLO the budget is counted in tokens, limited by max_num_batched_tokens.
         self.cost_model = CostModel.token_units()
         self.limit: float = float(scheduler_config.max_num_batched_tokens)
-        self._last_was_finetune_turn = False
+        self._inference_since_turn = 0
+        self.turn_cost_model = CostModel.token_units(1.0)
+        """Temporal sharing: what a turn's K tokens of finetuning work count (`set_turn_costs`)."""
+        self._token_budget = scheduler_config.max_num_batched_tokens
+        """This iteration's inference token budget (`_iteration_token_budget`)."""
 
     def set_budget(self, cost_model: CostModel, limit: float) -> None:
         """Plan iterations with this latency model under this limit (the TPOT SLO, in its unit)."""
         self.cost_model, self.limit = cost_model, float(limit)
 
+    def set_turn_costs(self, cost_model: CostModel) -> None:
+        """Temporal sharing: count a turn's work with this token-unit model (a backward window's fixed
+        cost included, so a small K runs a layer piece of a window, not a whole small window)."""
+        self.turn_cost_model = cost_model
+
     @property
     def inference_token_budget(self) -> int:
-        """Most inference tokens per iteration: max_num_batched_tokens, whatever the SLO.
-
-        NOTE: the SLO limits what finetuning adds, never inference itself: capping prefill
-        chunks at the TPOT target would trade the TTFT of new requests for nothing, since
-        the same prefill chunk runs in an inference-only engine too.
-        """
+        """Most inference tokens per iteration: max_num_batched_tokens (see `_iteration_token_budget`)."""
         return self.config.max_num_batched_tokens
+
+    def _iteration_token_budget(self, decodes: list[Request], prefills: list[Request]) -> int:
+        """Inference tokens this iteration may hold.
+
+        Without an SLO: max_num_batched_tokens. With one, and decodes running, a prefill chunk
+        is cut so the iteration's predicted latency stays under the limit (as Sarathi-Serve's
+        stall-free batching does): a 256-token chunk costs several times the limit on a CPU, and
+        the decodes beside it would miss their TPOT. The chunk never falls below
+        `min_prefill_chunk`, nor below what keeps every prompt within `ttft_slo_ms`. The time
+        a cut chunk leaves returns as finetuning budget.
+        """
+        budget = self.inference_token_budget
+        cost = self.cost_model
+        if cost.unit != "s" or not decodes or not self.config.enable_chunked_prefill:
+            return budget
+        adapters = {r.adapter for r in decodes if r.adapter is not None}
+        # One adapter more: a prefill may bring one the decodes do not use.
+        decode_cost = cost.predict(IterationShape(decode_tokens=len(decodes), num_adapters=len(adapters) + 1))
+        prefill = max(self.config.min_prefill_chunk, self._ttft_chunk(prefills, decode_cost),
+                      int((self.limit - cost.margin - decode_cost) / cost.prefill_token_cost))
+        return min(budget, len(decodes) + prefill)
+
+    def _ttft_chunk(self, prefills: list[Request], decode_cost: float) -> int:
+        """Smallest prefill chunk per iteration with which every prompt, running or waiting in FIFO
+        order, still gets its first token within `ttft_slo_ms`; 0 without that SLO.
+
+        An iteration lasts the limit, or longer when the chunk itself pushes it past (`decode_cost`
+        plus the chunk's tokens): the chunk is sized for the limit, then once more for that length.
+        One iteration of the time left is kept back: a prompt that arrived while one ran was only
+        added after it, so its TTFT counts more than `arrival_time` shows.
+        """
+        if self.config.ttft_slo_ms is None:
+            return 0
+        now, deadline = time.monotonic(), self.config.ttft_slo_ms / 1000.0
+        prompts = [r for r in (*prefills, *self.waiting) if r.first_token_time is None]  # not preempted ones
+
+        def chunk_for(iteration_s: float) -> int:
+            queued, chunk = 0, 0
+            for request in prompts:
+                queued += request.num_tokens_to_compute
+                iterations_left = int((deadline - (now - request.arrival_time)) / iteration_s) - 1
+                chunk = max(chunk, -(-queued // max(1, iterations_left)))
+            return chunk
+
+        chunk = chunk_for(self.limit)
+        return chunk_for(max(self.limit, decode_cost + chunk * self.cost_model.prefill_token_cost))
 
     # ------------------------------------------------------------------ queue
 
@@ -145,13 +195,14 @@ class Scheduler:
         return reserve
 
     def _schedule_temporal(self) -> SchedulerOutput:
-        """Temporal sharing: inference iterations and finetuning turns of K tokens take turns."""
-        finetune_turn = self.finetune.has_work() and (not self.requests or not self._last_was_finetune_turn)
-        self._last_was_finetune_turn = finetune_turn
+        """Temporal sharing: `temporal_turn_every` inference iterations, then a finetuning turn of K tokens."""
+        finetune_turn = self.finetune.has_work() and (
+            not self.requests or self._inference_since_turn >= self.config.temporal_turn_every)
+        self._inference_since_turn = 0 if finetune_turn else self._inference_since_turn + 1
         if not finetune_turn:
             return self._schedule_inference()
-        # In a turn, forward and backward tokens count alike: K tokens of finetuning work.
-        chunks, windows = self.finetune.plan(CostModel.token_units(1.0), self.config.temporal_turn_tokens)
+        # K tokens of finetuning work: forward tokens, and backward work in forward-token units.
+        chunks, windows = self.finetune.plan(self.turn_cost_model, self.config.temporal_turn_tokens)
         return SchedulerOutput(sequences=chunks, backward_windows=windows)
 
     def _schedule_inference(self) -> SchedulerOutput:
@@ -163,6 +214,7 @@ class Scheduler:
 
         decodes = [r for r in self.running if r.num_tokens_to_compute == 1]
         prefills = [r for r in self.running if r.num_tokens_to_compute > 1]
+        self._token_budget = self._iteration_token_budget(decodes, prefills)
         for request in decodes + prefills:
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop to make room for another
@@ -219,7 +271,7 @@ class Scheduler:
         self.waiting.extendleft(reversed(passed_over))
 
     def _budget_left(self, scheduled: dict[str, int]) -> int:
-        return self.inference_token_budget - sum(scheduled.values())
+        return self._token_budget - sum(scheduled.values())
 
     def _num_tokens_this_iteration(self, request: Request, budget_left: int) -> int:
         """Tokens of this request that fit the budget left; 0 if it must wait."""

@@ -19,10 +19,11 @@ from coserve.sampling_params import SamplingParams
 
 
 def make(budget=64, num_blocks=200, block_size=4, sharing="coserve", turn=32, max_loras=8, kv_fraction=0.5,
-         min_tokens=4, starvation=256):
+         min_tokens=4, starvation=256, ttft_slo_ms=None, every=1):
     config = SchedulerConfig(max_num_batched_tokens=budget, max_loras=max_loras, sharing=sharing,
-                             temporal_turn_tokens=turn, finetune_kv_fraction=kv_fraction,
-                             min_finetune_tokens=min_tokens, finetune_starvation_iterations=starvation)
+                             temporal_turn_tokens=turn, temporal_turn_every=every, finetune_kv_fraction=kv_fraction,
+                             min_finetune_tokens=min_tokens, finetune_starvation_iterations=starvation,
+                             ttft_slo_ms=ttft_slo_ms)
     return Scheduler(config, BlockManager(num_blocks, block_size))
 
 
@@ -78,7 +79,7 @@ def test_inference_comes_first_and_the_cost_limit_holds():
     cost = CostModel(0.010, 0.001, 0.005, 0.002)
     scheduler = make(budget=64)
     scheduler.set_budget(cost, 0.050)                 # 50 ms SLO: 40 forward tokens at most
-    assert scheduler.inference_token_budget == 64     # inference itself is never capped by the SLO
+    assert scheduler.inference_token_budget == 64     # prompts alone are never cut by the SLO
     add_job(scheduler, lengths=(60, 60))
     for i in range(6):
         scheduler.add_request(Request(f"r{i}", list(range(1, 9)), SamplingParams(max_tokens=6)))
@@ -93,6 +94,62 @@ def test_inference_comes_first_and_the_cost_limit_holds():
     # A burst of prompts over the SLO budget leaves finetuning nothing.
     first = outs[0]
     assert inference_tokens(first) == 48 and not any(s.is_training for s in first.sequences)
+
+
+def _with_four_decodes(scheduler):
+    for i in range(4):
+        scheduler.add_request(Request(f"d{i}", list(range(1, 9)), SamplingParams(max_tokens=20, ignore_eos=True)))
+    first = scheduler.schedule()
+    assert inference_tokens(first) == 32               # no decodes yet: prompts are not cut
+    scheduler.update(first, RunnerOutput(sampled_token_ids={f"d{i}": 7 for i in range(4)}))
+
+
+def test_with_an_slo_a_prefill_beside_decodes_is_cut_to_the_limit():
+    # 10 ms per iteration + 1 ms per forward token: a 50 ms SLO holds 40 tokens.
+    cost = CostModel(0.010, 0.001, 0.005, 0.002)
+    scheduler = make(budget=256)
+    scheduler.set_budget(cost, 0.050)
+    _with_four_decodes(scheduler)
+    scheduler.add_request(Request("long", list(range(1, 201)), SamplingParams(max_tokens=4)))
+    chunks = []
+    while scheduler.get_request("long").num_computed_tokens < 200:
+        out = scheduler.schedule()
+        decodes = [s for s in out.sequences if s.num_tokens == 1]
+        assert len(decodes) == 4                       # every decode runs in every iteration
+        chunks += [s.num_tokens for s in out.sequences if s.request_id == "long"]
+        assert cost.predict(IterationShape.of(out)) <= 0.050 + 1e-12
+        scheduler.update(out, RunnerOutput(sampled_token_ids={s.request_id: 7 for s in out.sequences
+                                                              if s.needs_sample}))
+    # 50 ms - 10 ms - 4 decodes - one adapter's worth of slack (none here): 36 prompt tokens a time.
+    assert chunks[:5] == [36] * 5 and sum(chunks) == 200
+    # The floor: under a limit the decodes alone fill, the prompt still moves by min_prefill_chunk.
+    scheduler.set_budget(cost, 0.012)
+    scheduler.add_request(Request("next", list(range(1, 101)), SamplingParams(max_tokens=4)))
+    out = scheduler.schedule()
+    assert [s.num_tokens for s in out.sequences if s.request_id == "next"] == [32]
+
+
+def test_a_prompt_behind_its_ttft_slo_gets_the_chunk_it_needs():
+    cost = CostModel(0.010, 0.001, 0.005, 0.002)
+    scheduler = make(budget=256, ttft_slo_ms=450)
+    scheduler.set_budget(cost, 0.050)
+    _with_four_decodes(scheduler)
+    # 200 tokens at 36 a time: 6 iterations of 50 ms (and one kept back), on time for a prompt that
+    # just arrived ...
+    scheduler.add_request(Request("fresh", list(range(1, 201)), SamplingParams(max_tokens=4)))
+    out = scheduler.schedule()
+    assert [s.num_tokens for s in out.sequences if s.request_id == "fresh"] == [36]
+    scheduler.update(out, RunnerOutput(sampled_token_ids={f"d{i}": 7 for i in range(4)}))
+    # ... but not for one that has waited 200 ms already. 164 tokens left in 250 ms, one iteration
+    # kept back: 3 of 50 ms would need 55 tokens each, but that makes them 69 ms long, so 2 of 82.
+    scheduler.get_request("fresh").arrival_time -= 0.200
+    out = scheduler.schedule()
+    assert [s.num_tokens for s in out.sequences if s.request_id == "fresh"] == [82]
+    scheduler.update(out, RunnerOutput(sampled_token_ids={f"d{i}": 7 for i in range(4)}))
+    # Out of time: the rest at once.
+    scheduler.get_request("fresh").arrival_time -= 0.200
+    out = scheduler.schedule()
+    assert [s.num_tokens for s in out.sequences if s.request_id == "fresh"] == [82]
 
 
 def test_jobs_share_the_leftover_budget_fairly():
@@ -129,11 +186,12 @@ def test_a_job_never_takes_a_slot_beyond_max_loras():
     assert scheduler.num_waiting == 1
 
 
-def test_temporal_sharing_alternates_inference_and_finetuning_turns():
-    scheduler = make(budget=64, sharing="temporal", turn=8)
+@pytest.mark.parametrize("every", [1, 3])
+def test_temporal_sharing_alternates_inference_and_finetuning_turns(every):
+    scheduler = make(budget=64, sharing="temporal", turn=8, every=every)
     add_job(scheduler, lengths=(400,))                # outlives the requests
     for i in range(3):
-        scheduler.add_request(Request(f"r{i}", [1, 2, 3, 4], SamplingParams(max_tokens=5)))
+        scheduler.add_request(Request(f"r{i}", [1, 2, 3, 4], SamplingParams(max_tokens=12)))
     outs = run(scheduler)
     kinds = []
     for out in outs:
@@ -144,8 +202,27 @@ def test_temporal_sharing_alternates_inference_and_finetuning_turns():
         kinds.append("f" if training else "i")
     pattern = "".join(kinds)
     while_both = pattern[:pattern.rindex("i") + 1]
-    assert "ii" not in while_both and "ff" not in while_both      # strict turns while both have work
-    assert set(pattern[len(while_both):]) == {"f"}                  # then finetuning runs alone
+    # `every` inference iterations, then one turn, while both have work; then finetuning runs alone.
+    assert while_both.startswith("i" * every + "f" + "i" * every + "f")
+    assert all(run == "i" * every for run in while_both.split("f")[:-1])
+    assert set(pattern[len(while_both):]) == {"f"}
+
+
+def test_a_small_temporal_turn_runs_layer_pieces_of_a_window():
+    # Backward tokens cost 2 forward tokens, each window 80 more: a whole window never fits K=8.
+    scheduler = make(budget=64, sharing="temporal", turn=8, min_tokens=4)
+    scheduler.finetune.num_layers = 8
+    scheduler.set_turn_costs(CostModel.token_units(2.0, 80.0))
+    add_job(scheduler, lengths=(40,))
+    outs = run(scheduler)
+    pieces = [w for out in outs for w in out.backward_windows]
+    assert pieces and all(w.fraction == 1 / 8 for w in pieces)
+    assert all(sum(s.num_tokens for s in out.sequences) <= 8 for out in outs)
+    covered = {}
+    for w in pieces:
+        covered.setdefault((w.start, w.end), []).append(w.layer_start)
+    assert sorted(t for start, end in covered for t in range(start, end)) == list(range(40))
+    assert all(layers == list(reversed(range(8))) for layers in covered.values())   # top-down, each once
 
 
 @pytest.mark.parametrize("budget", [3, 5, 16, 24, 64])
