@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from typing import Iterable
 
 from coserve.config import SchedulerConfig
 from coserve.engine.cost_model import CostModel, IterationShape
@@ -67,9 +68,10 @@ class Scheduler:
         Without an SLO: max_num_batched_tokens. With one, and decodes running, a prefill chunk
         is cut so the iteration's predicted latency stays under the limit (as Sarathi-Serve's
         stall-free batching does): a 256-token chunk costs several times the limit on a CPU, and
-        the decodes beside it would miss their TPOT. The chunk never falls below
-        `min_prefill_chunk`, nor below what keeps every prompt within `ttft_slo_ms`. The time
-        a cut chunk leaves returns as finetuning budget.
+        the decodes beside it would miss their TPOT. A decode behind its SLO shortens the target
+        further (`_catch_up_reserve`). The chunk never falls below `min_prefill_chunk`, nor below
+        what keeps every prompt within `ttft_slo_ms`. The time a cut chunk leaves returns as
+        finetuning budget.
         """
         budget = self.inference_token_budget
         cost = self.cost_model
@@ -78,8 +80,9 @@ class Scheduler:
         adapters = {r.adapter for r in decodes if r.adapter is not None}
         # One adapter more: a prefill may bring one the decodes do not use.
         decode_cost = cost.predict(IterationShape(decode_tokens=len(decodes), num_adapters=len(adapters) + 1))
+        target = self.limit - self._catch_up_reserve(decodes) - cost.margin
         prefill = max(self.config.min_prefill_chunk, self._ttft_chunk(prefills, decode_cost),
-                      int((self.limit - cost.margin - decode_cost) / cost.prefill_token_cost))
+                      int((target - decode_cost) / cost.prefill_token_cost))
         return min(budget, len(decodes) + prefill)
 
     def _ttft_chunk(self, prefills: list[Request], decode_cost: float) -> int:
@@ -169,25 +172,26 @@ class Scheduler:
         output = self._schedule_inference()
         adapters = {s.adapter for s in output.sequences if s.adapter is not None}
         chunks, windows = self.finetune.plan(self.cost_model, self.limit, IterationShape.of(output), adapters,
-                                             reserve=self._catch_up_reserve(output))
+                                             reserve=self._catch_up_reserve(
+                                                 self.requests.get(seq.request_id) for seq in output.sequences
+                                                 if seq.num_tokens == 1 and not seq.is_training))
         output.sequences += chunks
         output.backward_windows = windows
         return output
 
-    def _catch_up_reserve(self, output: SchedulerOutput) -> float:
-        """Part of the limit finetuning must leave free this iteration for a request behind the SLO.
+    def _catch_up_reserve(self, decodes: Iterable[Request | None]) -> float:
+        """Part of the limit this iteration must leave unused for a decoding request behind the SLO.
 
         The SLO bounds each request's mean time per output token. A decode whose tokens so far took
         longer on average (a burst of prefills ran beside it) may only see an iteration short enough
-        to bring its mean back to the SLO, so finetuning yields until it has caught up. Never
-        negative: a request ahead of its SLO does not let finetuning run longer iterations.
+        to bring its mean back to the SLO, so finetuning yields, and prefill chunks shrink, until it
+        has caught up. Never negative: a request ahead of its SLO does not allow longer iterations.
         """
         if self.cost_model.unit != "s":
             return 0.0
         now, reserve = time.monotonic(), 0.0
-        for seq in output.sequences:
-            request = self.requests.get(seq.request_id)
-            if request is None or request.first_token_time is None or seq.num_tokens != 1:
+        for request in decodes:
+            if request is None or request.first_token_time is None:
                 continue
             # After this iteration: num_output_tokens tokens since the first, in (now - first) + t.
             allowed = self.limit * request.num_output_tokens - (now - request.first_token_time)
