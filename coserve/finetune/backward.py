@@ -36,11 +36,12 @@ def _base(module) -> torch.nn.Linear:
 
 
 def _linear(module, x: torch.Tensor, lora: LoRAWeights | None) -> torch.Tensor:
+    # NOTE: the LoRA scaling multiplies the rank-r intermediate, not the [w, out] result (and its gradient).
     base = _base(module)
     y = F.linear(x, base.weight, base.bias)
     if lora is not None:
         lora_a, lora_b, scaling = lora
-        y = y + scaling * F.linear(F.linear(x, lora_a.to(x.dtype)), lora_b.to(x.dtype))
+        y = y + F.linear(scaling * F.linear(x, lora_a.to(x.dtype)), lora_b.to(x.dtype))
     return y
 
 
@@ -67,7 +68,7 @@ def _cached_linear(module, x: torch.Tensor, lora: LoRAWeights | None) -> torch.T
     y = _GradOnlyLinear.apply(x, _base(module).weight)
     if lora is not None:
         lora_a, lora_b, scaling = lora
-        y = y + scaling * F.linear(F.linear(x, lora_a.to(x.dtype)), lora_b.to(x.dtype))
+        y = y + F.linear(scaling * F.linear(x, lora_a.to(x.dtype)), lora_b.to(x.dtype))
     return y
 
 
@@ -140,7 +141,7 @@ def layer_backward(layer, prefix: str, lora_of: LoRALookup, x: torch.Tensor, gra
         down_lora = lora_of(f"{prefix}.mlp.down_proj")
         if down_lora is not None:
             lora_a, lora_b, scaling = down_lora
-            roots.append(scaling * F.linear(F.linear(act, lora_a.to(dtype)), lora_b.to(dtype)))
+            roots.append(F.linear(scaling * F.linear(act, lora_a.to(dtype)), lora_b.to(dtype)))
             grads.append(grad_out)
         # Modules without LoRA leave some roots outside the graph (e.g. k in a q/v-only adapter).
         pairs = [(r, g) for r, g in zip(roots, grads) if r.requires_grad]
