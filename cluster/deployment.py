@@ -281,6 +281,7 @@ class Deployment:
             ray.kill(self._controller, no_restart=True)
         except Exception:
             pass
+        _wait_until_released(self.name)
         if self._owns_ray:
             ray.shutdown()
 
@@ -317,18 +318,39 @@ def _cancel_quietly(ref_generator) -> None:
 
 def _kill_deployment(name: str, controller) -> None:
     """Kill the controller and every worker actor of `name` (after a failed or interrupted start)."""
-    from ray.util import list_named_actors
-
     try:
         ray.kill(controller, no_restart=True)
     except Exception:
         pass
-    for actor in list_named_actors(all_namespaces=True):
-        if actor.get("namespace") == NAMESPACE and actor["name"].startswith(f"{name}:"):
-            try:
-                ray.kill(ray.get_actor(actor["name"], namespace=NAMESPACE), no_restart=True)
-            except Exception:
-                pass
+    for actor_name in _actor_names_of(name):
+        try:
+            ray.kill(ray.get_actor(actor_name, namespace=NAMESPACE), no_restart=True)
+        except Exception:
+            pass
+
+
+NAME_RELEASE_WAIT_S = 10.0
+
+
+def _actor_names_of(name: str) -> list[str]:
+    from ray.util import list_named_actors
+
+    return [a["name"] for a in list_named_actors(all_namespaces=True)
+            if a.get("namespace") == NAMESPACE and a["name"].startswith(f"{name}:")]
+
+
+def _wait_until_released(name: str) -> None:
+    """Wait (bounded) until Ray has dropped the actor names of deployment `name`.
+
+    ray.kill returns before the actor is gone, and a deployment started under the same name right
+    after a shutdown would find the old controller still registered.
+    """
+    deadline = time.monotonic() + NAME_RELEASE_WAIT_S
+    while (left := _actor_names_of(name)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if left:
+        logger.warning("deployment %r: actors %s still registered %.0f s after shutdown", name, left,
+                       NAME_RELEASE_WAIT_S)
 
 
 def _find_controller(name: str):
