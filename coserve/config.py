@@ -62,6 +62,8 @@ class SchedulerConfig:
                f"max_loras must be a positive integer, got {self.max_loras!r}")
         _check(self.ttft_slo_ms is None or (isinstance(self.ttft_slo_ms, (int, float)) and self.ttft_slo_ms > 0),
                f"ttft_slo_ms must be positive or None, got {self.ttft_slo_ms!r}")
+        _check(_is_positive_int(self.temporal_turn_every),
+               f"temporal_turn_every must be a positive integer, got {self.temporal_turn_every!r}")
         _check(_is_positive_int(self.min_prefill_chunk),
                f"min_prefill_chunk must be a positive integer, got {self.min_prefill_chunk!r}")
         _check(_is_positive_int(self.finetune_starvation_iterations),
@@ -161,8 +163,6 @@ class EngineConfig:
                f"sharing must be 'coserve' or 'temporal', got {self.sharing!r}")
         _check(_is_positive_int(self.temporal_turn_tokens),
                f"temporal_turn_tokens must be a positive integer, got {self.temporal_turn_tokens!r}")
-        _check(_is_positive_int(self.temporal_turn_every),
-               f"temporal_turn_every must be a positive integer, got {self.temporal_turn_every!r}")
         _check(isinstance(self.finetune_kv_fraction, (int, float)) and 0 < self.finetune_kv_fraction <= 1,
                f"finetune_kv_fraction must be in (0, 1], got {self.finetune_kv_fraction!r}")
         # Validates the shared fields with the messages of the configs that own them.

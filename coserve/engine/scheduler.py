@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Iterable
 
 from coserve.config import SchedulerConfig
 from coserve.engine.cost_model import CostModel, IterationShape
@@ -47,6 +46,8 @@ class Scheduler:
         """Temporal sharing: what a turn's K tokens of finetuning work count (`set_turn_costs`)."""
         self._token_budget = scheduler_config.max_num_batched_tokens
         """This iteration's inference token budget (`_iteration_token_budget`)."""
+        self._catch_up = 0.0
+        """This iteration's `_catch_up_reserve`: shortens both its prefill chunks and its finetuning."""
 
     def set_budget(self, cost_model: CostModel, limit: float) -> None:
         """Plan iterations with this latency model under this limit (the TPOT SLO, in its unit)."""
@@ -80,7 +81,7 @@ class Scheduler:
         adapters = {r.adapter for r in decodes if r.adapter is not None}
         # One adapter more: a prefill may bring one the decodes do not use.
         decode_cost = cost.predict(IterationShape(decode_tokens=len(decodes), num_adapters=len(adapters) + 1))
-        target = self.limit - self._catch_up_reserve(decodes) - cost.margin
+        target = self.limit - self._catch_up - cost.margin
         prefill = max(self.config.min_prefill_chunk, self._ttft_chunk(prefills, decode_cost),
                       int((target - decode_cost) / cost.prefill_token_cost))
         return min(budget, len(decodes) + prefill)
@@ -172,14 +173,12 @@ class Scheduler:
         output = self._schedule_inference()
         adapters = {s.adapter for s in output.sequences if s.adapter is not None}
         chunks, windows = self.finetune.plan(self.cost_model, self.limit, IterationShape.of(output), adapters,
-                                             reserve=self._catch_up_reserve(
-                                                 self.requests.get(seq.request_id) for seq in output.sequences
-                                                 if seq.num_tokens == 1 and not seq.is_training))
+                                             reserve=self._catch_up)
         output.sequences += chunks
         output.backward_windows = windows
         return output
 
-    def _catch_up_reserve(self, decodes: Iterable[Request | None]) -> float:
+    def _catch_up_reserve(self, decodes: list[Request]) -> float:
         """Part of the limit this iteration must leave unused for a decoding request behind the SLO.
 
         The SLO bounds each request's mean time per output token. A decode whose tokens so far took
@@ -191,7 +190,7 @@ class Scheduler:
             return 0.0
         now, reserve = time.monotonic(), 0.0
         for request in decodes:
-            if request is None or request.first_token_time is None:
+            if request.first_token_time is None:
                 continue
             # After this iteration: num_output_tokens tokens since the first, in (now - first) + t.
             allowed = self.limit * request.num_output_tokens - (now - request.first_token_time)
@@ -218,6 +217,7 @@ class Scheduler:
 
         decodes = [r for r in self.running if r.num_tokens_to_compute == 1]
         prefills = [r for r in self.running if r.num_tokens_to_compute > 1]
+        self._catch_up = self._catch_up_reserve(decodes)
         self._token_budget = self._iteration_token_budget(decodes, prefills)
         for request in decodes + prefills:
             if request.status is not RequestStatus.RUNNING:
