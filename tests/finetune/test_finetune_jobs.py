@@ -158,7 +158,7 @@ def test_stats_report_jobs_budget_and_kept_bytes(llm):
     assert entry["tokens_trained"] == 2 * 32
     assert stats["budget"]["unit"] == "tokens"
     # 32 tokens fill whole KV blocks and one backward window covers them (budget 48 tokens, a backward
-    # token counts 1.5): the real tensors hold the plan minus the dK/dV accumulators, exactly.
+    # token counts 1.0): the real tensors hold the plan minus the dK/dV accumulators, exactly.
     planned = stats["finetune"]["planned_saved_bytes_per_token"]
     accumulators = llm.engine.prune_report.breakdown["kv_grad_accumulators"]
     assert stats["finetune"]["saved_bytes_per_token"] == planned - accumulators
