@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 import time
 
-
 from coserve.config import EngineConfig, FinetuneConfig
 from coserve.engine.adapter_manager import AdapterManager, UnknownAdapterError
 from coserve.engine.budget import configure_budget
 from coserve.engine.cost_model import IterationShape
 from coserve.engine.detokenizer import IncrementalDetokenizer
+from coserve.engine.gc_heap import freeze_existing_heap
 from coserve.engine.kv_cache import BlockManager
 from coserve.engine.outputs import RunnerOutput
 from coserve.engine.request import Request, RequestStatus
@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 class Engine:
     def __init__(self, config: EngineConfig) -> None:
+        freeze_existing_heap()   # full collections while serving then skip the imported heap
         self.config = config
         self.device = config.resolved_device()
         self.dtype = config.resolved_dtype(self.device)
