@@ -3,7 +3,9 @@
 An iteration's cost is linear in its features (`CostModel.features`): a
 fixed cost, decode tokens, prefill tokens, finetuning forward tokens (these
 also pay the vocabulary projection and its gradient), backward work (its
-profiled cost; a layer window counts its share of the layers), and the
+profiled cost, which grows with the keys before the window: a window at
+the end of a sequence attends to all of it; a layer window counts its share
+of the layers), and the
 adapters it touches (each adapter's weights are read once per layer). The
 start-up profile (`coserve/engine/profiler.py`) gives the prior coefficients;
 with an SLO, `observe` refits them after every iteration from measured
@@ -47,8 +49,8 @@ class IterationShape:
     prefill_tokens: int = 0
     train_tokens: int = 0
     """Finetuning forward tokens."""
-    backward_windows: tuple[tuple[int, float], ...] = ()
-    """(tokens, share of the layers) per backward window or layer window."""
+    backward_windows: tuple[tuple[int, float, int], ...] = ()
+    """(tokens, share of the layers, first position) per backward window or layer window."""
     num_adapters: int = 0
     """Distinct adapters of the forward's rows."""
 
@@ -66,7 +68,7 @@ class IterationShape:
                 prefill += seq.num_tokens
             if seq.adapter is not None:
                 adapters.add(seq.adapter)
-        windows = tuple((w.num_tokens, w.fraction) for w in output.backward_windows)
+        windows = tuple((w.num_tokens, w.fraction, w.start) for w in output.backward_windows)
         return cls(decode, prefill, train, windows, len(adapters))
 
     @property
@@ -87,6 +89,9 @@ class CostModel:
     scale: float = 1.0
     """Factor applied to the profile before any iteration is observed (a loaded profile is rescaled
     by one measured forward at start-up)."""
+    backward_per_key: float = 0.0
+    """Backward cost per (window token x key it attends to): the attention part, which makes a window
+    late in a sequence cost more than one at its start."""
     fit: LatencyFit | None = field(default=None, repr=False, compare=False)
     _fitted: list[float] | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -95,18 +100,23 @@ class CostModel:
             raise ValueError("per-token costs must be positive")
         if self.train_forward_per_token is not None and self.train_forward_per_token <= 0:
             raise ValueError("per-token costs must be positive")
+        if self.backward_per_key < 0:
+            raise ValueError("backward_per_key must not be negative")
 
     @classmethod
     def token_units(cls, backward_token_ratio: float = DEFAULT_BACKWARD_TOKEN_RATIO,
-                    backward_base_tokens: float = 0.0) -> "CostModel":
-        """Costs in forward tokens: a backward token costs `backward_token_ratio` of them and each
-        backward window (through every layer) `backward_base_tokens` more."""
-        return cls(0.0, 1.0, backward_base_tokens, backward_token_ratio, unit="tokens")
+                    backward_base_tokens: float = 0.0, backward_per_key_tokens: float = 0.0) -> "CostModel":
+        """Costs in forward tokens: a backward token costs `backward_token_ratio` of them, each
+        backward window (through every layer) `backward_base_tokens` more, and each key a window's
+        tokens attend to `backward_per_key_tokens`."""
+        return cls(0.0, 1.0, backward_base_tokens, backward_token_ratio, unit="tokens",
+                   backward_per_key=backward_per_key_tokens)
 
     def in_token_units(self) -> "CostModel":
         """This profile's backward in finetuning-forward-token units (for temporal turns)."""
         token = self.train_forward_per_token or self.forward_per_token
-        return CostModel.token_units(self.backward_per_token / token, self.backward_base / token)
+        return CostModel.token_units(self.backward_per_token / token, self.backward_base / token,
+                                     self.backward_per_key / token)
 
     # ---- coefficients -------------------------------------------------------------------------
 
@@ -115,7 +125,7 @@ class CostModel:
         (windows of the profile's shape: a fixed part and a per-token part), which the fit only
         rescales: layer windows make per-window and per-token counts move together, too close
         to tell apart online."""
-        backward = sum(f * (self.backward_base + self.backward_per_token * n) for n, f in shape.backward_windows)
+        backward = sum(f * self._window_cost(n, start) for n, f, start in shape.backward_windows)
         return [0.0 if shape.is_empty else 1.0, float(shape.decode_tokens), float(shape.prefill_tokens),
                 float(shape.train_tokens), float(backward), float(shape.num_adapters)]
 
@@ -165,11 +175,16 @@ class CostModel:
         """Marginal cost of `num_tokens` finetuning forward tokens (fixed and adapter costs apart)."""
         return self.coefficients[3] * num_tokens
 
-    def backward_cost(self, num_tokens: int) -> float:
+    def _window_cost(self, num_tokens: int, start: int) -> float:
+        """Profiled cost of a whole window of tokens [start, start + num_tokens)."""
+        keys = num_tokens * start + num_tokens * (num_tokens + 1) // 2   # query i sees keys 0..i
+        return self.backward_base + self.backward_per_token * num_tokens + self.backward_per_key * keys
+
+    def backward_cost(self, num_tokens: int, start: int = 0) -> float:
         """A whole window's marginal cost through every layer (a layer window pays its share)."""
         if not num_tokens:
             return 0.0
-        return self.coefficients[4] * (self.backward_base + self.backward_per_token * num_tokens)
+        return self.coefficients[4] * self._window_cost(num_tokens, start)
 
     def max_forward_tokens(self, limit: float) -> int:
         """Most prefill tokens an iteration may hold and stay within `limit`."""
@@ -180,10 +195,24 @@ class CostModel:
         """Most finetuning forward tokens `budget` pays for (marginal cost only)."""
         return max(0, int(budget / self.coefficients[3]))
 
-    def max_backward_tokens(self, limit: float) -> int:
-        """Most tokens one whole window may hold within `limit` (the window alone in its iteration)."""
+    def max_backward_tokens(self, limit: float, end: int | None = None) -> int:
+        """Most tokens one whole window ending at position `end` (None: a window at a sequence's
+        start) may hold within `limit`, the window alone in its iteration."""
         c = self.coefficients
-        return max(0, int(((limit - c[0]) / c[4] - self.backward_base) / self.backward_per_token))
+        budget = (limit - c[0]) / c[4]
+        most = max(0, int((budget - self.backward_base) / self.backward_per_token))
+        if self.backward_per_key == 0.0 and end is None:
+            return most
+        # The cost grows with the window's size and, ending at `end`, with the keys before it.
+        low, high = 0, most if end is None else min(most, end)
+        while low < high:
+            mid = (low + high + 1) // 2
+            start = 0 if end is None else end - mid
+            if self._window_cost(mid, start) <= budget:
+                low = mid
+            else:
+                high = mid - 1
+        return low
 
     # ---- learning -----------------------------------------------------------------------------
 
@@ -203,7 +232,7 @@ class CostModel:
         """The profile (the prior): the fit is live state and never saved."""
         raw = {"forward_base": self.forward_base, "forward_per_token": self.forward_per_token,
                "backward_base": self.backward_base, "backward_per_token": self.backward_per_token,
-               "unit": self.unit, "scale": self.scale}
+               "backward_per_key": self.backward_per_key, "unit": self.unit, "scale": self.scale}
         if self.train_forward_per_token is not None:
             raw["train_forward_per_token"] = self.train_forward_per_token
         return raw
@@ -212,4 +241,5 @@ class CostModel:
     def from_dict(cls, raw: dict) -> "CostModel":
         return cls(**{k: raw[k] for k in ("forward_base", "forward_per_token", "backward_base",
                                           "backward_per_token")}, unit=raw.get("unit", "s"),
-                   train_forward_per_token=raw.get("train_forward_per_token"))
+                   train_forward_per_token=raw.get("train_forward_per_token"),
+                   backward_per_key=raw.get("backward_per_key", 0.0))

@@ -146,7 +146,7 @@ class FinetunePlanner:
             if window is None:
                 continue
             windows.append(window)
-            spent += base + window.fraction * cost.backward_cost(window.num_tokens)
+            spent += base + window.fraction * cost.backward_cost(window.num_tokens, window.start)
             state["base_paid"] = True
             took = True
         planned: set[str] = state["planned"]
@@ -191,14 +191,15 @@ class FinetunePlanner:
         layers = self.num_layers
         if seq.window_start is not None:          # continue a part-done window
             n = seq.backward_end - seq.window_start
-            k = min(seq.layer_top, self._layers_within(cost, n, budget))
+            k = min(seq.layer_top, self._layers_within(cost, n, seq.window_start, budget))
             if k < 1 and not force:
                 return None
             k = max(k, 1)
             return BackwardWindow(seq.seq_id, seq.window_start, seq.backward_end, blocks,
                                   layer_start=seq.layer_top - k, layer_end=seq.layer_top, fraction=k / layers)
-        target = _window_size(seq.backward_end, cost.max_backward_tokens(_WINDOW_LIMITS[cost.unit] * limit))
-        n = min(target, cost.max_backward_tokens(budget))
+        end = seq.backward_end
+        target = _window_size(end, cost.max_backward_tokens(_WINDOW_LIMITS[cost.unit] * limit, end))
+        n = min(target, cost.max_backward_tokens(budget, end))
         # With measured costs a smaller whole window is a poor use of the budget: each window pays a
         # fixed cost (every layer's weights are read again), so layer pieces of the big window do more
         # work per second, and forward chunks fill what a piece leaves. Token units know no fixed cost,
@@ -207,7 +208,7 @@ class FinetunePlanner:
             return BackwardWindow(seq.seq_id, seq.backward_end - n, seq.backward_end, blocks)
         # The window does not fit: run its top layers now and the rest in later iterations.
         size = min(seq.backward_end, max(target, 4 * self.config.min_finetune_tokens))
-        k = self._layers_within(cost, size, budget)
+        k = self._layers_within(cost, size, seq.backward_end - size, budget)
         if k >= layers:
             return BackwardWindow(seq.seq_id, seq.backward_end - size, seq.backward_end, blocks)
         if k >= 1:
@@ -225,8 +226,8 @@ class FinetunePlanner:
         return BackwardWindow(seq.seq_id, seq.backward_end - n, seq.backward_end, blocks,
                               layer_start=layers - 1, layer_end=None, fraction=1 / layers)
 
-    def _layers_within(self, cost: CostModel, num_tokens: int, budget: float) -> int:
-        per_layer = cost.backward_cost(num_tokens) / self.num_layers
+    def _layers_within(self, cost: CostModel, num_tokens: int, start: int, budget: float) -> int:
+        per_layer = cost.backward_cost(num_tokens, start) / self.num_layers
         return int(budget / per_layer) if per_layer > 0 else self.num_layers
 
     def _next_forward(self, job: _Job, planned: set[str]) -> TrainingSequence | None:

@@ -3,9 +3,11 @@
 Runs at engine start-up when an SLO is set: forward iterations of n prefill
 tokens, finetuning forwards of n tokens and backward windows of n finetuning
 tokens (rank-16 LoRA on every linear), each timed a few times after a warm-up,
-the median kept. A straight line through each kind's points gives the prior of
-`CostModel` (which the engine then refits online); the raw points are kept for
-the dashboard.
+the median kept. Backward windows are timed at a sequence's start and at its
+end, where they attend to every earlier token. A straight line through each
+kind's points (for backward, a plane: tokens and the keys they attend to) gives
+the prior of `CostModel` (which the engine then refits online); the raw points
+are kept for the dashboard.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import time
 import torch
 
 from coserve.engine.cost_model import CostModel
+from coserve.engine.latency_fit import solve
 from coserve.engine.outputs import ScheduledSequence, SchedulerOutput
 from coserve.finetune.trainable import TrainableLoRA
 from peft_methods.lora.config import LoRAAdapterConfig
@@ -24,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 FORWARD_SIZES = (16, 64, 128, 256, 512)
 BACKWARD_SIZES = (16, 64, 128, 256)
+LATE_BACKWARD_SIZES = (16, 64, 128)
+"""Windows timed at the end of a sequence as long as the longest profiled forward."""
 _REPEATS = 3
 _PROFILE_ID = "__latency_profile__"
 
@@ -42,11 +47,33 @@ def _fit(points: list[tuple[int, float]]) -> tuple[float, float]:
     return max(0.0, mean_y - slope * mean_x), slope
 
 
+def _keys(num_tokens: int, start: int) -> int:
+    """Keys the queries of window [start, start + num_tokens) attend to, summed (causal)."""
+    return num_tokens * start + num_tokens * (num_tokens + 1) // 2
+
+
+def _fit_backward(points: list[tuple[int, int, float]]) -> tuple[float, float, float]:
+    """(base, per token, per key) of window latency from (tokens, start, seconds) points; least
+    squares, falling back to a line in tokens when the plane's key term comes out negative."""
+    rows = [(1.0, float(n), float(_keys(n, start))) for n, start, _ in points]
+    xtx = [[sum(r[i] * r[j] for r in rows) for j in range(3)] for i in range(3)]
+    xty = [sum(r[i] * y for r, (_, _, y) in zip(rows, points)) for i in range(3)]
+    try:
+        base, per_token, per_key = solve(xtx, xty)
+    except ValueError:
+        per_key = -1.0
+    if per_key < 0 or per_token <= 0 or base < 0:
+        base, per_token = _fit([(n, y) for n, _, y in points])
+        return base, per_token, 0.0
+    return base, per_token, per_key
+
+
 def profile_latency(engine) -> dict:
     """Time forward and backward iterations on `engine` (idle); returns the profile dict."""
     sizes_f = [n for n in FORWARD_SIZES if n < engine.max_model_len]
     sizes_b = [n for n in BACKWARD_SIZES if n < engine.max_model_len]
     longest = max(sizes_f + sizes_b)
+    sizes_late = [n for n in LATE_BACKWARD_SIZES if n < longest]
     block_manager = engine.block_manager
     if not block_manager.can_allocate(_PROFILE_ID, longest):
         raise RuntimeError("the KV cache is too small to profile iteration latency")
@@ -60,18 +87,21 @@ def profile_latency(engine) -> dict:
         forward = [(n, _time_forward(engine, blocks, n, vocab)) for n in sizes_f]
         train = [(n, _time_train_forward(engine, executor, lora, blocks, n, vocab)) for n in sizes_b]
         backward = [(n, _time_backward(engine, executor, lora, blocks, n, vocab)) for n in sizes_b]
+        late = _time_late_backward(engine, executor, lora, blocks, longest, sizes_late, vocab)
     finally:
         block_manager.free(_PROFILE_ID)
         executor.release(_PROFILE_ID)
     forward_base, forward_per_token = _fit(forward)
-    backward_base, backward_per_token = _fit(backward)
+    backward_base, backward_per_token, backward_per_key = _fit_backward(
+        [(n, 0, t) for n, t in backward] + [(n, longest - n, t) for n, t in late])
     _, train_per_token = _fit(train)
     profile = CostModel(forward_base, forward_per_token, backward_base, backward_per_token,
-                        train_forward_per_token=train_per_token).to_dict()
-    profile["points"] = {"forward": forward, "train_forward": train, "backward": backward}
+                        train_forward_per_token=train_per_token, backward_per_key=backward_per_key).to_dict()
+    profile["points"] = {"forward": forward, "train_forward": train, "backward": backward,
+                         "late_backward": {"sequence_length": longest, "points": late}}
     logger.info("latency profile: forward %.2f ms + %.3f ms/token (finetuning %.3f ms/token), "
-                "backward %.2f ms + %.3f ms/token", 1e3 * forward_base, 1e3 * forward_per_token,
-                1e3 * train_per_token, 1e3 * backward_base, 1e3 * backward_per_token)
+                "backward %.2f ms + %.3f ms/token + %.3f us/key", 1e3 * forward_base, 1e3 * forward_per_token,
+                1e3 * train_per_token, 1e3 * backward_base, 1e3 * backward_per_token, 1e6 * backward_per_key)
     return profile
 
 
@@ -140,6 +170,22 @@ def _time_backward(engine, executor, lora, blocks: list[int], n: int, vocab: int
     try:
         engine.runner.execute(SchedulerOutput(sequences=[_prefill(n, blocks, vocab, training=True)]))
         return _median_time(lambda: executor.backward(_PROFILE_ID, 0, n, blocks), engine.device)
+    finally:
+        executor.release(_PROFILE_ID)
+        for param in lora.parameters():
+            param.grad = None
+
+
+def _time_late_backward(engine, executor, lora, blocks: list[int], length: int, sizes: list[int],
+                        vocab: int) -> list[tuple[int, float]]:
+    """Backward windows [length - n, length) of one `length`-token sequence: they attend to all of it."""
+    if not sizes:
+        return []
+    executor.register(_PROFILE_ID, [(5 * i + 1) % vocab for i in range(length)], lora, 1.0 / length)
+    try:
+        engine.runner.execute(SchedulerOutput(sequences=[_prefill(length, blocks, vocab, training=True)]))
+        return [(n, _median_time(lambda n=n: executor.backward(_PROFILE_ID, length - n, length, blocks),
+                                 engine.device)) for n in sizes]
     finally:
         executor.release(_PROFILE_ID)
         for param in lora.parameters():

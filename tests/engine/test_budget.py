@@ -1,8 +1,11 @@
 """The SLO budget: a latency profile measured at start-up (or loaded), and the plan it implies."""
 import json
 
+import pytest
+
 from coserve import LLM, FinetuneConfig, SamplingParams
 from coserve.engine.cost_model import CostModel
+from coserve.engine.profiler import _fit_backward
 from coserve.graph import prune_backward
 from coserve.models.llama import head_dim_of
 
@@ -16,6 +19,9 @@ def test_slo_engine_profiles_saves_and_reuses_the_latency_profile(tiny_llama_dir
         profile = json.loads(path.read_text())
         assert stats["latency_profile"]["forward_per_token"] == profile["forward_per_token"] > 0
         assert len(profile["points"]["forward"]) >= 3 and len(profile["points"]["backward"]) >= 3
+        late = profile["points"]["late_backward"]      # windows at the end of a sequence, timed too
+        assert late["sequence_length"] > max(n for n, _ in late["points"]) and len(late["points"]) >= 2
+        assert profile["backward_per_key"] >= 0
         budget = stats["budget"]
         cost = CostModel.from_dict(profile)
         assert budget["tpot_slo_ms"] == 500 and budget["unit"] == "s"
@@ -59,3 +65,17 @@ def test_prune_backward_budget_is_every_kept_tensor(tiny_llama_dir):
     assert report.bytes_per_token == layers * (hidden + 2 * kv + 2 * kv) * 4 + hidden * 4 + 8
     assert report.kv_bytes_per_block == 16 * layers * 2 * kv * 4
     assert model.backward_plan is report
+
+
+def test_backward_profile_fit_separates_tokens_from_the_keys_they_attend_to():
+    # 4 ms + 0.5 ms per token + 2 us per (token x key): windows at a sequence's start and at its end.
+    def seconds(n, start):
+        return 0.004 + 0.0005 * n + 2e-6 * (n * start + n * (n + 1) // 2)
+
+    points = [(n, 0, seconds(n, 0)) for n in (16, 64, 128, 256)] + [(n, 512 - n, seconds(n, 512 - n))
+                                                                     for n in (16, 64, 128)]
+    base, per_token, per_key = _fit_backward(points)
+    assert (base, per_token, per_key) == (pytest.approx(0.004), pytest.approx(0.0005), pytest.approx(2e-6))
+    # Late windows no slower than early ones: no key term, a line in tokens (never a negative cost).
+    flat = [(n, start, 0.004 + 0.0005 * n) for n, start, _ in points]
+    assert _fit_backward(flat)[2] == pytest.approx(0.0, abs=1e-12)

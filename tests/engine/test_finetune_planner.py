@@ -260,16 +260,16 @@ def test_cost_model_learns_each_kind_of_work_online():
 
     def truth(shape):
         return (0.020 + 0.003 * shape.decode_tokens + 0.001 * shape.prefill_tokens + 0.0025 * shape.train_tokens
-                + sum(f * 1.5 * (0.005 + 0.002 * n) for n, f in shape.backward_windows) + 0.002 * shape.num_adapters)
+                + sum(f * 1.5 * (0.005 + 0.002 * n) for n, f, _ in shape.backward_windows) + 0.002 * shape.num_adapters)
 
     rng = random.Random(0)
     for _ in range(300):
         shape = IterationShape(decode_tokens=rng.randint(0, 16), prefill_tokens=rng.choice([0, 0, 32, 128]),
                                train_tokens=rng.choice([0, 16, 64]),
-                               backward_windows=rng.choice([(), ((16, 1.0),), ((32, 0.25),)]),
+                               backward_windows=rng.choice([(), ((16, 1.0, 0),), ((32, 0.25, 64),)]),
                                num_adapters=rng.randint(0, 4))
         cost.observe(shape, truth(shape))
-    probe = IterationShape(decode_tokens=10, train_tokens=16, backward_windows=((24, 0.5),), num_adapters=3)
+    probe = IterationShape(decode_tokens=10, train_tokens=16, backward_windows=((24, 0.5, 8),), num_adapters=3)
     assert cost.predict(probe) == pytest.approx(truth(probe), rel=0.05)   # the prior pulls a little
     assert cost.train_forward_cost(10) == pytest.approx(0.025, rel=0.05)
     assert cost.margin < 0.001                          # noise-free: predictions are right
@@ -369,3 +369,33 @@ def test_windows_too_big_for_an_iteration_run_in_layer_pieces_top_down():
     assert sum(end - start for start, end in done_tokens) == 40 and done_tokens[-1][0] == 0
     for out in outputs:
         assert cost.predict(IterationShape.of(out)) <= 0.020 + 1e-12
+
+
+def test_a_window_late_in_a_sequence_costs_its_keys_and_gets_fewer_layers():
+    # 5 ms + 2 ms per token + 10 us per (token x key it attends to), per whole window of 8 layers.
+    cost = CostModel(0.010, 0.001, 0.005, 0.002, backward_per_key=1e-5)
+    assert cost.backward_cost(16) == pytest.approx(0.005 + 0.032 + 1e-5 * 16 * 17 / 2)
+    assert cost.backward_cost(16, start=48) == pytest.approx(0.005 + 0.032 + 1e-5 * (16 * 48 + 16 * 17 / 2))
+    # Ending at position 64, a window pays for the keys before it: it holds fewer tokens.
+    n = cost.max_backward_tokens(0.050, end=64)
+    assert cost.backward_cost(n, 64 - n) <= 0.040 < cost.backward_cost(n + 1, 63 - n)
+    assert n < cost.max_backward_tokens(0.050)
+    assert IterationShape(backward_windows=((16, 0.5, 48),)) != IterationShape(backward_windows=((16, 0.5, 0),))
+    assert cost.predict(IterationShape(backward_windows=((16, 0.5, 48),))) == pytest.approx(
+        0.010 + 0.5 * cost.backward_cost(16, 48))
+
+    # The planner sizes layer pieces with the window's own position: a 64-token sequence's last
+    # 32 tokens attend to all 64 keys, so fewer of its layers fit than the position-free cost says.
+    scheduler = make(budget=64)
+    scheduler.finetune.num_layers = 8
+    scheduler.set_budget(cost, 0.030)
+    add_job(scheduler, lengths=(64,), in_flight=1)
+    for _ in range(40):
+        out = scheduler.schedule()
+        scheduler.finetune.update(out)
+        if out.backward_windows:
+            break
+    (window,) = out.backward_windows
+    per_layer = cost.backward_cost(window.num_tokens, window.start) / 8
+    assert window.fraction * 8 * per_layer <= 0.030 - cost.iteration_base + 1e-12
+    assert window.fraction < 1 and window.fraction * 8 == int(window.fraction * 8)
