@@ -29,7 +29,7 @@ FORWARD_SIZES = (16, 64, 128, 256, 512)
 BACKWARD_SIZES = (16, 64, 128, 256)
 LATE_BACKWARD_SIZES = (16, 64, 128)
 """Windows timed at the end of a sequence as long as the longest profiled forward."""
-_REPEATS = 3
+_REPEATS = 5
 _PROFILE_ID = "__latency_profile__"
 
 
