@@ -41,6 +41,11 @@ request's mean time per token, so the predictions must be right on average; the 
 part of the spread."""
 
 
+def keys_attended(num_tokens: int, start: int) -> int:
+    """Keys the queries of window [start, start + num_tokens) attend to, summed (query i sees keys 0..i)."""
+    return num_tokens * start + num_tokens * (num_tokens + 1) // 2
+
+
 @dataclass(frozen=True)
 class IterationShape:
     """What one iteration holds, as the cost model sees it."""
@@ -122,9 +127,9 @@ class CostModel:
 
     def features(self, shape: IterationShape) -> list[float]:
         """The iteration's features, in FEATURES order. Backward work enters as its profiled cost
-        (windows of the profile's shape: a fixed part and a per-token part), which the fit only
-        rescales: layer windows make per-window and per-token counts move together, too close
-        to tell apart online."""
+        (windows of the profile's shape: a fixed part, a per-token part and a per-key part), which
+        the fit only rescales: layer windows make per-window and per-token counts move together,
+        too close to tell apart online."""
         backward = sum(f * self._window_cost(n, start) for n, f, start in shape.backward_windows)
         return [0.0 if shape.is_empty else 1.0, float(shape.decode_tokens), float(shape.prefill_tokens),
                 float(shape.train_tokens), float(backward), float(shape.num_adapters)]
@@ -177,8 +182,8 @@ class CostModel:
 
     def _window_cost(self, num_tokens: int, start: int) -> float:
         """Profiled cost of a whole window of tokens [start, start + num_tokens)."""
-        keys = num_tokens * start + num_tokens * (num_tokens + 1) // 2   # query i sees keys 0..i
-        return self.backward_base + self.backward_per_token * num_tokens + self.backward_per_key * keys
+        return (self.backward_base + self.backward_per_token * num_tokens
+                + self.backward_per_key * keys_attended(num_tokens, start))
 
     def backward_cost(self, num_tokens: int, start: int = 0) -> float:
         """A whole window's marginal cost through every layer (a layer window pays its share)."""

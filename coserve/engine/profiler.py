@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from coserve.engine.cost_model import CostModel
+from coserve.engine.cost_model import CostModel, keys_attended
 from coserve.engine.latency_fit import solve
 from coserve.engine.outputs import ScheduledSequence, SchedulerOutput
 from coserve.finetune.trainable import TrainableLoRA
@@ -47,15 +47,10 @@ def _fit(points: list[tuple[int, float]]) -> tuple[float, float]:
     return max(0.0, mean_y - slope * mean_x), slope
 
 
-def _keys(num_tokens: int, start: int) -> int:
-    """Keys the queries of window [start, start + num_tokens) attend to, summed (causal)."""
-    return num_tokens * start + num_tokens * (num_tokens + 1) // 2
-
-
 def _fit_backward(points: list[tuple[int, int, float]]) -> tuple[float, float, float]:
     """(base, per token, per key) of window latency from (tokens, start, seconds) points; least
     squares, falling back to a line in tokens when the plane's key term comes out negative."""
-    rows = [(1.0, float(n), float(_keys(n, start))) for n, start, _ in points]
+    rows = [(1.0, float(n), float(keys_attended(n, start))) for n, start, _ in points]
     xtx = [[sum(r[i] * r[j] for r in rows) for j in range(3)] for i in range(3)]
     xty = [sum(r[i] * y for r, (_, _, y) in zip(rows, points)) for i in range(3)]
     try:
