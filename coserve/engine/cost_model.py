@@ -206,8 +206,8 @@ class CostModel:
         c = self.coefficients
         budget = (limit - c[0]) / c[4]
         most = max(0, int((budget - self.backward_base) / self.backward_per_token))
-        if self.backward_per_key == 0.0 and end is None:
-            return most
+        if self.backward_per_key == 0.0:
+            return most if end is None else min(most, end)
         # The cost grows with the window's size and, ending at `end`, with the keys before it.
         low, high = 0, most if end is None else min(most, end)
         while low < high:

@@ -81,8 +81,11 @@ def profile_latency(engine) -> dict:
         vocab = engine.model.config.vocab_size
         forward = [(n, _time_forward(engine, blocks, n, vocab)) for n in sizes_f]
         train = [(n, _time_train_forward(engine, executor, lora, blocks, n, vocab)) for n in sizes_b]
-        backward = [(n, _time_backward(engine, executor, lora, blocks, n, vocab)) for n in sizes_b]
-        late = _time_late_backward(engine, executor, lora, blocks, longest, sizes_late, vocab)
+        # NOTE: each start-of-sequence window gets a sequence of its own length (its forward is the
+        # profile's, not a longer one's); the end-of-sequence windows share one `longest` sequence.
+        backward = [point for n in sizes_b
+                    for point in _time_backward_windows(engine, executor, lora, blocks, n, [n], vocab, False)]
+        late = _time_backward_windows(engine, executor, lora, blocks, longest, sizes_late, vocab, True)
     finally:
         block_manager.free(_PROFILE_ID)
         executor.release(_PROFILE_ID)
@@ -160,27 +163,18 @@ def _time_train_forward(engine, executor, lora, blocks: list[int], n: int, vocab
     return _median_time(run, engine.device)
 
 
-def _time_backward(engine, executor, lora, blocks: list[int], n: int, vocab: int) -> float:
-    executor.register(_PROFILE_ID, [(5 * i + 1) % vocab for i in range(n)], lora, 1.0 / n)
-    try:
-        engine.runner.execute(SchedulerOutput(sequences=[_prefill(n, blocks, vocab, training=True)]))
-        return _median_time(lambda: executor.backward(_PROFILE_ID, 0, n, blocks), engine.device)
-    finally:
-        executor.release(_PROFILE_ID)
-        for param in lora.parameters():
-            param.grad = None
-
-
-def _time_late_backward(engine, executor, lora, blocks: list[int], length: int, sizes: list[int],
-                        vocab: int) -> list[tuple[int, float]]:
-    """Backward windows [length - n, length) of one `length`-token sequence: they attend to all of it."""
+def _time_backward_windows(engine, executor, lora, blocks: list[int], length: int, sizes: list[int],
+                           vocab: int, at_end: bool) -> list[tuple[int, float]]:
+    """(n, seconds) of backward windows of n tokens of one `length`-token training sequence, each
+    at its start ([0, n)) or at its end ([length - n, length), attending to all of it)."""
     if not sizes:
         return []
     executor.register(_PROFILE_ID, [(5 * i + 1) % vocab for i in range(length)], lora, 1.0 / length)
     try:
         engine.runner.execute(SchedulerOutput(sequences=[_prefill(length, blocks, vocab, training=True)]))
-        return [(n, _median_time(lambda n=n: executor.backward(_PROFILE_ID, length - n, length, blocks),
-                                 engine.device)) for n in sizes]
+        spans = [(length - n, length) if at_end else (0, n) for n in sizes]
+        return [(end - start, _median_time(lambda s=start, e=end: executor.backward(_PROFILE_ID, s, e, blocks),
+                                           engine.device)) for start, end in spans]
     finally:
         executor.release(_PROFILE_ID)
         for param in lora.parameters():
