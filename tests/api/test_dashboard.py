@@ -131,7 +131,12 @@ def test_state_snapshot_has_history_engines_and_residency(server):
                                  "kv_usage"} <= set(state["history"][-1])
     engine = state["engines"]["local"]
     assert engine["budget"]["tpot_slo_ms"] == SLO_MS
-    assert engine["latency_profile"]["points"]["forward"], "the profile's measured points are sent"
+    profile = engine["latency_profile"]
+    assert profile["points"]["forward"], "the profile's measured points are sent"
+    # Backward windows timed at the end of a sequence come with that sequence's length and the key cost.
+    assert profile["points"]["late_backward"] and profile["late_sequence_length"] > max(
+        n for n, _ in profile["points"]["late_backward"])
+    assert profile["backward_per_key"] >= 0
     assert engine["adapters"]["max_loras"] >= 1 and engine["adapters"]["device"] == {}
     assert state["workers"][0]["name"] == "local" and state["workers"][0]["healthy"] is True
     # `since` returns only newer samples.
@@ -188,6 +193,8 @@ def test_dashboard_live_charts_loss_curve_and_cancel(server, backend, page, tmp_
     # The SLO line and the measured latency profile are drawn from the first snapshot.
     assert page.locator("[data-chart=latency] [data-ref=slo]").count() == 1
     assert chart_number(page, "profile", "points") > 0
+    legend = page.locator("[data-chart=profile]").inner_text()
+    assert "backward window" in legend and "backward at the end of 64 tokens" in legend
 
     points_before = chart_number(page, "throughput", "points")
     with Traffic(backend) as traffic:

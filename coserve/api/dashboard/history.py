@@ -165,17 +165,23 @@ def _engine_view(stats: dict) -> dict:
 
 
 def _profile_view(profile: dict | None, budget: dict) -> dict | None:
+    """The profile's coefficients and measured points. Backward windows were timed at a sequence's
+    start (`backward`) and at the end of one `late_sequence_length`-token sequence (`late_backward`),
+    where every window token also attends to the keys before it (`backward_per_key`)."""
     keys = ("forward_base", "forward_per_token", "backward_base", "backward_per_token")
     if profile is not None:
         points = profile.get("points") or {}
-        return {**{k: profile.get(k) for k in keys}, "unit": profile.get("unit", "s"),
-                "points": {"forward": points.get("forward") or [], "backward": points.get("backward") or []}}
+        late = points.get("late_backward") or {}
+        return {**{k: profile.get(k) for k in keys}, "backward_per_key": profile.get("backward_per_key", 0.0),
+                "unit": profile.get("unit", "s"), "late_sequence_length": late.get("sequence_length"),
+                "points": {"forward": points.get("forward") or [], "backward": points.get("backward") or [],
+                           "late_backward": late.get("points") or []}}
     if budget.get("unit") == "tokens":
         # NOTE: without an SLO the engine budgets in token units (CostModel.token_units): the "latency" of
         # an iteration is its token count, a backward token weighing DEFAULT_BACKWARD_TOKEN_RATIO.
         return {"forward_base": 0.0, "forward_per_token": 1.0, "backward_base": 0.0,
-                "backward_per_token": DEFAULT_BACKWARD_TOKEN_RATIO, "unit": "tokens",
-                "points": {"forward": [], "backward": []}}
+                "backward_per_token": DEFAULT_BACKWARD_TOKEN_RATIO, "backward_per_key": 0.0, "unit": "tokens",
+                "late_sequence_length": None, "points": {"forward": [], "backward": [], "late_backward": []}}
     return None
 
 

@@ -98,30 +98,40 @@ export function renderBudget(factsBox, plot, engine) {
   const unitScale = tokens ? 1 : 1e3;
   const scale = tokens ? 1 : b.latency_scale || 1;
   const c = b.coefficients;
-  const measured = [...(p.points.forward || []), ...(p.points.backward || [])].map(([n]) => n);
+  const pts = p.points || {};
+  const late = pts.late_backward || [];
+  const lateLength = p.late_sequence_length;
+  const measured = [...(pts.forward || []), ...(pts.backward || []), ...late].map(([n]) => n);
   const xmax = Math.max(64, ...measured, Math.min(4 * Math.max(64, ...measured), 1.15 * (b.max_forward_tokens || 0)));
-  const line = (base, per) => Array.from({ length: 41 }, (_, i) => {
-    const n = Math.max(1, (xmax * i) / 40);
-    return [n, unitScale * scale * (base + per * n)];
+  const curve = (cost, nmax = xmax) => Array.from({ length: 41 }, (_, i) => {
+    const n = Math.max(1, (nmax * i) / 40);
+    return [n, cost(n)];
   });
-  // Learned coefficients are already in ms (or tokens): no unit or scale factor.
-  const learned = (base, per) => Array.from({ length: 41 }, (_, i) => {
-    const n = Math.max(1, (xmax * i) / 40);
-    return [n, base + per * n];
-  });
-  const dots = (pts) => (pts || []).map(([n, s]) => [n, unitScale * s]);
+  // Keys a window's queries attend to, summed (as the engine's cost model counts them): a window
+  // starting at `start` also sees every earlier token.
+  const keys = (n, start) => n * start + (n * (n + 1)) / 2;
+  const windowCost = (n, start) => p.backward_base + p.backward_per_token * n + (p.backward_per_key || 0) * keys(n, start);
+  // The learned backward coefficient is a factor on the profiled window cost; learned coefficients
+  // are already in ms (or tokens): no unit or scale factor.
+  const backward = (start) => (n) => (c ? c.iteration + c.backward * unitScale * windowCost(n, start(n))
+                                         : unitScale * scale * windowCost(n, start(n)));
+  const dots = (list) => (list || []).map(([n, s]) => [n, unitScale * s]);
+  const series = [
+    { key: "fwd", label: "forward (predicted)", color: COLORS.decode, kind: "line",
+      points: curve((n) => (c ? c.iteration + c.prefill_token * n : unitScale * scale * (p.forward_base + p.forward_per_token * n))) },
+    { key: "bwd", label: "backward window", color: COLORS.ftForward, kind: "line", points: curve(backward(() => 0)) },
+    { key: "fwd-m", color: COLORS.decode, points: dots(pts.forward), kind: "dots" },
+    { key: "bwd-m", color: COLORS.ftForward, points: dots(pts.backward), kind: "dots" },
+  ];
+  if (lateLength && late.length) {
+    series.push(
+      { key: "bwd-late", label: `backward at the end of ${fmtNum(lateLength)} tokens`, color: COLORS.ftBackward,
+        kind: "line", dash: "5 3", points: curve(backward((n) => lateLength - n), Math.min(xmax, lateLength)) },
+      { key: "bwd-late-m", color: COLORS.ftBackward, points: dots(late), kind: "dots" });
+  }
   plot.update({
     xDomain: [0, xmax],
-    series: [
-      { key: "fwd", label: "forward (predicted)", color: COLORS.decode, kind: "line",
-        points: c ? learned(c.iteration, c.prefill_token) : line(p.forward_base, p.forward_per_token) },
-      { key: "bwd", label: "backward window", color: COLORS.ftForward, kind: "line",
-        // The learned backward coefficient is a factor on the profiled window cost.
-        points: c ? learned(c.iteration + c.backward * unitScale * p.backward_base, c.backward * unitScale * p.backward_per_token)
-          : line(p.backward_base, p.backward_per_token) },
-      { key: "fwd-m", color: COLORS.decode, points: dots(p.points.forward), kind: "dots" },
-      { key: "bwd-m", color: COLORS.ftForward, points: dots(p.points.backward), kind: "dots" },
-    ],
+    series,
     refs: [
       { key: "limit", axis: "y", value: unitScale * b.limit, color: COLORS.slo, label: tokens ? `limit ${fmtNum(b.limit)}` : `SLO ${fmtNum(b.tpot_slo_ms)} ms` },
       { key: "max-forward", axis: "x", value: b.max_forward_tokens, color: COLORS.budget, label: `max fwd ${fmtNum(b.max_forward_tokens)}` },
