@@ -234,6 +234,7 @@ def figures(result: WindowResult, slo, window_s: float) -> dict:
             "latency": latency_summary(result.timings), "wall_s": round(wall, 2),
             "num_iterations": result.num_iterations, "tokens_by_kind": result.tokens_by_kind,
             "step_ms": _step_summary(result.step_seconds),
+            "busy_share": round(sum(result.step_seconds) / wall, 3),
             # NOTE: threads x 1.0 when the process had its cores alone; much less means other jobs ran.
             "cpu_s_per_wall_s": round(result.cpu_s / result.wall_s, 2) if result.wall_s > 0 else None}
 
@@ -364,6 +365,9 @@ NOTES = [
     ("Co-serving's engine gets tpot_slo_ms and ttft_slo_ms = tpot_safety x each SLO and profiles its latency "
      "at start-up."),
     "step_ms: wall time of engine.step() calls that had work (for spatial, the inference process's).",
+    ("busy_share: the share of the window spent in those calls. Inference alone near 1 means its small "
+     "batches already fill the machine at this rate: finetuning can then only gain what longer co-serving "
+     "iterations save of each iteration's fixed cost (weights read, adapters, vocabulary projection)."),
     "The machine is shared: see machine.load_average_at_start and gemm_gflops_at_end.",
 ]
 
