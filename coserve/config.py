@@ -48,6 +48,10 @@ class SchedulerConfig:
     within this time to first token. None: they are cut to the TPOT SLO alone."""
     min_finetune_tokens: int = 16
     """Smallest finetuning chunk or window worth scheduling (unless less work is left)."""
+    finetune_slo_headroom: float = 0.2
+    """With a TPOT SLO: finetuning fills an iteration only as far as keeps every running decode's mean
+    time per token within (1 - this) x the SLO, so decodes bank time for the prompt bursts that push
+    later iterations past the SLO. Decodes already ahead of that pace let finetuning fill up to the SLO."""
     finetune_starvation_iterations: int = 256
     """A finetuning job that got no budget for this many iterations in a row gets one small piece
     anyway (so it always finishes; at most one iteration in this many overruns). A safety net:
@@ -66,6 +70,8 @@ class SchedulerConfig:
                f"temporal_turn_every must be a positive integer, got {self.temporal_turn_every!r}")
         _check(_is_positive_int(self.min_prefill_chunk),
                f"min_prefill_chunk must be a positive integer, got {self.min_prefill_chunk!r}")
+        _check(isinstance(self.finetune_slo_headroom, (int, float)) and 0 <= self.finetune_slo_headroom < 1,
+               f"finetune_slo_headroom must be in [0, 1), got {self.finetune_slo_headroom!r}")
         _check(_is_positive_int(self.finetune_starvation_iterations),
                f"finetune_starvation_iterations must be a positive integer, got {self.finetune_starvation_iterations!r}")
         _check(isinstance(self.enable_chunked_prefill, bool),
@@ -131,6 +137,9 @@ class EngineConfig:
     ttft_slo_ms: float | None = None
     """Time-to-first-token target, used with tpot_slo_ms: prompts are cut into chunks that keep
     running decodes under the TPOT SLO, but never so small that a prompt would miss this target."""
+    finetune_slo_headroom: float = 0.2
+    """With tpot_slo_ms: share of the SLO finetuning leaves to running decodes so they bank time for
+    prompt bursts (see SchedulerConfig.finetune_slo_headroom); 0 lets finetuning fill every iteration."""
     latency_profile: str | None = None
     """JSON file with a saved latency profile: loaded if it exists, else written after profiling."""
     sharing: str = "coserve"
@@ -174,7 +183,8 @@ class EngineConfig:
                                self.enable_chunked_prefill, sharing=self.sharing,
                                temporal_turn_tokens=self.temporal_turn_tokens,
                                temporal_turn_every=self.temporal_turn_every,
-                               finetune_kv_fraction=self.finetune_kv_fraction, ttft_slo_ms=self.ttft_slo_ms)
+                               finetune_kv_fraction=self.finetune_kv_fraction, ttft_slo_ms=self.ttft_slo_ms,
+                               finetune_slo_headroom=self.finetune_slo_headroom)
 
     def cache_config(self) -> CacheConfig:
         return CacheConfig(self.block_size, self.num_kv_blocks)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from typing import Callable
 
 from coserve.config import SchedulerConfig
 from coserve.engine.cost_model import CostModel, IterationShape
@@ -26,8 +27,11 @@ from coserve.engine.request import Request, RequestStatus
 class Scheduler:
     """Decides which tokens of which requests run in the next iteration."""
 
-    def __init__(self, scheduler_config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(self, scheduler_config: SchedulerConfig, block_manager: BlockManager,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = scheduler_config
+        self.clock = clock
+        """Seconds, on the clock of the requests' arrival_time (a simulation passes a virtual one)."""
         self.block_manager = block_manager
         # FIFO of requests holding no KV blocks; preempted ones go back at the front.
         self.waiting: deque[Request] = deque()
@@ -48,6 +52,8 @@ class Scheduler:
         """This iteration's inference token budget (`_iteration_token_budget`)."""
         self._catch_up = 0.0
         """This iteration's `_catch_up_reserve`: shortens both its prefill chunks and its finetuning."""
+        self._finetune_reserve = 0.0
+        """This iteration's reserve for finetuning alone: the catch-up to the headroom pace."""
 
     def set_budget(self, cost_model: CostModel, limit: float) -> None:
         """Plan iterations with this latency model under this limit (the TPOT SLO, in its unit)."""
@@ -97,7 +103,7 @@ class Scheduler:
         """
         if self.config.ttft_slo_ms is None:
             return 0
-        now, deadline = time.monotonic(), self.config.ttft_slo_ms / 1000.0
+        now, deadline = self.clock(), self.config.ttft_slo_ms / 1000.0
         prompts = [r for r in (*prefills, *self.waiting) if r.first_token_time is None]  # not preempted ones
 
         def chunk_for(iteration_s: float) -> int:
@@ -172,28 +178,43 @@ class Scheduler:
             return self._schedule_temporal()
         output = self._schedule_inference()
         adapters = {s.adapter for s in output.sequences if s.adapter is not None}
+        # NOTE: prompt tokens left out because the iteration's token budget ran out are better served
+        # by the next iteration starting sooner than by finetuning lengthening this one (with a
+        # loose SLO the token budget binds before the latency limit). The planner still runs, with
+        # nothing to spend, so a starving job gets its guaranteed piece.
+        reserve = self.limit if self._inference_held_back(output) else self._finetune_reserve
         chunks, windows = self.finetune.plan(self.cost_model, self.limit, IterationShape.of(output), adapters,
-                                             reserve=self._catch_up)
+                                             reserve=reserve)
         output.sequences += chunks
         output.backward_windows = windows
         return output
 
-    def _catch_up_reserve(self, decodes: list[Request]) -> float:
-        """Part of the limit this iteration must leave unused for a decoding request behind the SLO.
+    def _inference_held_back(self, output: SchedulerOutput) -> bool:
+        """Whether this iteration's inference filled its token budget with prompt work still left."""
+        scheduled = {s.request_id: s.num_tokens for s in output.sequences}
+        if sum(scheduled.values()) < self._token_budget:
+            return False
+        return bool(self.waiting) or any(r.num_tokens_to_compute > scheduled.get(r.request_id, 0)
+                                         for r in self.running)
+
+    def _catch_up_reserve(self, decodes: list[Request], pace: float | None = None) -> float:
+        """Part of the limit this iteration must leave unused for a decoding request behind `pace`.
 
         The SLO bounds each request's mean time per output token. A decode whose tokens so far took
-        longer on average (a burst of prefills ran beside it) may only see an iteration short enough
-        to bring its mean back to the SLO, so finetuning yields, and prefill chunks shrink, until it
-        has caught up. Never negative: a request ahead of its SLO does not allow longer iterations.
+        longer on average than `pace` (the limit by default; a burst of prefills ran beside it) may
+        only see an iteration short enough to bring its mean back to that pace, so finetuning
+        yields, and prefill chunks shrink, until it has caught up. Never negative: a request ahead
+        of its pace does not allow iterations longer than the limit.
         """
         if self.cost_model.unit != "s":
             return 0.0
-        now, reserve = time.monotonic(), 0.0
+        pace = self.limit if pace is None else pace
+        now, reserve = self.clock(), 0.0
         for request in decodes:
             if request.first_token_time is None:
                 continue
             # After this iteration: num_output_tokens tokens since the first, in (now - first) + t.
-            allowed = self.limit * request.num_output_tokens - (now - request.first_token_time)
+            allowed = pace * request.num_output_tokens - (now - request.first_token_time)
             reserve = max(reserve, self.limit - allowed)
         return reserve
 
@@ -218,6 +239,10 @@ class Scheduler:
         decodes = [r for r in self.running if r.num_tokens_to_compute == 1]
         prefills = [r for r in self.running if r.num_tokens_to_compute > 1]
         self._catch_up = self._catch_up_reserve(decodes)
+        # Finetuning keeps decodes at the slower headroom pace; prompts may still use the whole limit.
+        headroom = self.config.finetune_slo_headroom
+        self._finetune_reserve = max(self._catch_up, self._catch_up_reserve(decodes, (1 - headroom) * self.limit)
+                                     if headroom else 0.0)
         self._token_budget = self._iteration_token_budget(decodes, prefills)
         for request in decodes + prefills:
             if request.status is not RequestStatus.RUNNING:
@@ -369,7 +394,7 @@ class Scheduler:
             if seq.request_id in runner_output.logprobs:
                 request.output_logprobs.append(runner_output.logprobs[seq.request_id])
             if request.first_token_time is None:
-                request.first_token_time = time.monotonic()
+                request.first_token_time = self.clock()
             status = self._stop_status(request, token_id)
             if status is not None:
                 self._finish(request, status)
@@ -397,4 +422,4 @@ class Scheduler:
             self.waiting = deque(r for r in self.waiting if r is not request)
         self.requests.pop(request.request_id, None)
         request.status = status
-        request.finish_time = time.monotonic()
+        request.finish_time = self.clock()

@@ -19,11 +19,11 @@ from coserve.sampling_params import SamplingParams
 
 
 def make(budget=64, num_blocks=200, block_size=4, sharing="coserve", turn=32, max_loras=8, kv_fraction=0.5,
-         min_tokens=4, starvation=256, ttft_slo_ms=None, every=1):
+         min_tokens=4, starvation=256, ttft_slo_ms=None, every=1, headroom=0.0):
     config = SchedulerConfig(max_num_batched_tokens=budget, max_loras=max_loras, sharing=sharing,
                              temporal_turn_tokens=turn, temporal_turn_every=every, finetune_kv_fraction=kv_fraction,
                              min_finetune_tokens=min_tokens, finetune_starvation_iterations=starvation,
-                             ttft_slo_ms=ttft_slo_ms)
+                             ttft_slo_ms=ttft_slo_ms, finetune_slo_headroom=headroom)
     return Scheduler(config, BlockManager(num_blocks, block_size))
 
 
@@ -315,6 +315,54 @@ def test_finetuning_yields_while_a_request_is_behind_its_tpot_slo():
     scheduler.update(out, RunnerOutput(sampled_token_ids={"r": 7}))
     request.first_token_time = time.monotonic()
     out = run_one()
+    assert any(s.is_training for s in out.sequences)
+
+
+def test_finetuning_leaves_the_headroom_to_decodes_that_have_not_banked_it():
+    cost = CostModel(0.010, 0.001, 0.005, 0.002)
+    scheduler = make(budget=64, headroom=0.2)
+    scheduler.set_budget(cost, 0.050)                 # 50 ms per output token; the headroom pace is 40 ms
+    request = Request("r", [1, 2, 3], SamplingParams(max_tokens=50, ignore_eos=True))
+    scheduler.add_request(request)
+    first = scheduler.schedule()
+    scheduler.update(first, RunnerOutput(sampled_token_ids={"r": 7}))
+    add_job(scheduler, lengths=(200,), in_flight=1)
+    # A fresh decode: finetuning fills the iteration to the pace (40 ms), not to the limit.
+    out = scheduler.schedule()
+    predicted = cost.predict(IterationShape.of(out))
+    assert any(s.is_training for s in out.sequences)
+    assert 0.038 < predicted <= 0.040 + 1e-12
+    scheduler.update(out, RunnerOutput(sampled_token_ids={"r": 7}))
+    # Its 10 tokens so far took 10 ms each: well ahead of the pace, so finetuning may fill to the limit.
+    request.output_token_ids = [7] * 10
+    request.num_computed_tokens = request.num_tokens - 1
+    request.first_token_time = time.monotonic() - 0.1
+    out = scheduler.schedule()
+    assert 0.048 < cost.predict(IterationShape.of(out)) <= 0.050 + 1e-12
+    # Prompts keep the whole limit: a chunk beside a fresh decode is cut at 50 ms, not at the pace.
+    scheduler = make(budget=256, headroom=0.2)
+    scheduler.set_budget(cost, 0.050)
+    _with_four_decodes(scheduler)
+    add_job(scheduler, lengths=(200,), in_flight=1)
+    scheduler.add_request(Request("long", list(range(1, 201)), SamplingParams(max_tokens=4)))
+    out = scheduler.schedule()
+    assert [s.num_tokens for s in out.sequences if s.request_id == "long"] == [35]
+    assert not any(s.is_training for s in out.sequences) and not out.backward_windows
+
+
+def test_finetuning_waits_while_prompts_are_held_back_by_the_token_budget():
+    # A loose SLO: 64 prompt tokens cost 74 ms of a 500 ms limit, so the token budget binds first.
+    cost = CostModel(0.010, 0.001, 0.005, 0.002)
+    scheduler = make(budget=64)
+    scheduler.set_budget(cost, 0.500)
+    add_job(scheduler, lengths=(60,))
+    scheduler.add_request(Request("long", list(range(1, 201)), SamplingParams(max_tokens=4)))
+    while scheduler.get_request("long").num_tokens_to_compute > 64:
+        out = scheduler.schedule()
+        assert inference_tokens(out) == 64
+        assert not any(s.is_training for s in out.sequences) and not out.backward_windows
+        scheduler.update(out, RunnerOutput())
+    out = scheduler.schedule()                          # the prompt's last chunk leaves room: finetuning fills it
     assert any(s.is_training for s in out.sequences)
 
 
