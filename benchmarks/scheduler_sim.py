@@ -56,6 +56,8 @@ class SimMachine:
     """Times the profile's cost of the iteration's backward windows."""
     overhead: float = 0.0005
     """Scheduling and bookkeeping around the forward."""
+    slowdown: float = 1.0
+    """Every iteration's mean cost times this (the start-up profile stays as measured)."""
     drift_sd: float = 0.03
     """Stationary spread of the slow drift (log scale): the shared machine's phases."""
     drift_memory: float = 0.98
@@ -67,9 +69,10 @@ class SimMachine:
 
     def mean_seconds(self, shape: IterationShape, backward_cost: CostModel) -> float:
         backward = sum(f * backward_cost._window_cost(n, start) for n, f, start in shape.backward_windows)
-        return (self.fixed + self.decode_token * shape.decode_tokens + self.prefill_token * shape.prefill_tokens
-                + self.train_token * shape.train_tokens + self.adapter * shape.num_adapters
-                + self.backward_factor * backward + self.overhead)
+        seconds = (self.fixed + self.decode_token * shape.decode_tokens + self.prefill_token * shape.prefill_tokens
+                   + self.train_token * shape.train_tokens + self.adapter * shape.num_adapters
+                   + self.backward_factor * backward + self.overhead)
+        return self.slowdown * seconds
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,8 @@ class SimSetting:
     trace_s: float = 45.0
     trace_seed: int = 0
     tpot_safety: float = 0.95
+    ttft_safety: float | None = None
+    """The engine's TTFT target as a share of the TTFT SLO; None: tpot_safety (as the benchmark)."""
     headroom: float = 0.2
     sequence_length: int = 512
     batch_size: int = 2
@@ -122,7 +127,7 @@ def simulate(setting: SimSetting, machine: SimMachine = SimMachine(), seed: int 
     window = max(setting.trace_s + 1.0, max(slo.latest_finish(r) for r in trace))
     clock = _VirtualClock()
     config = SchedulerConfig(max_num_batched_tokens=256, max_loras=setting.num_adapters + 1,
-                             ttft_slo_ms=setting.tpot_safety * slo.ttft_s * 1e3,
+                             ttft_slo_ms=(setting.ttft_safety or setting.tpot_safety) * slo.ttft_s * 1e3,
                              finetune_slo_headroom=setting.headroom)
     scheduler = Scheduler(config, BlockManager(4096, 16), clock=clock)
     scheduler.finetune.num_layers = setting.num_layers
@@ -208,13 +213,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tpot-ms", type=float, default=74.8, help="the TPOT SLO")
     parser.add_argument("--ttft-ms", type=float, default=476.0, help="the TTFT SLO")
     parser.add_argument("--tpot-safety", type=float, default=0.95)
+    parser.add_argument("--ttft-safety", type=float, default=None)
     parser.add_argument("--max-tokens-per-s", type=float, default=1450.0)
     parser.add_argument("--trace-seed", type=int, default=0)
+    parser.add_argument("--slowdown", type=float, default=1.0,
+                        help="every iteration's mean cost times this (the machine in a slower phase)")
     args = parser.parse_args(argv)
     setting = SimSetting(slo=Slo(ttft_s=args.ttft_ms / 1e3, tpot_s=args.tpot_ms / 1e3),
                          max_tokens_per_s=args.max_tokens_per_s, trace_seed=args.trace_seed,
-                         tpot_safety=args.tpot_safety)
-    print(json.dumps(compare(setting, args.headroom, args.seeds), indent=2))
+                         tpot_safety=args.tpot_safety, ttft_safety=args.ttft_safety)
+    machine = SimMachine(slowdown=args.slowdown)
+    print(json.dumps(compare(setting, args.headroom, args.seeds, machine), indent=2))
 
 
 if __name__ == "__main__":
