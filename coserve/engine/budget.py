@@ -38,6 +38,7 @@ class Budget:
                 "max_forward_tokens": self.cost_model.max_forward_tokens(self.limit),
                 "max_backward_tokens": self.cost_model.max_backward_tokens(self.limit),
                 "sharing": scheduler.config.sharing, "latency_scale": self.cost_model.scale,
+                "finetune_slo_headroom": scheduler.config.finetune_slo_headroom,
                 "coefficients": self.cost_model.as_dict_ms(), "margin": self.cost_model.margin}
 
 

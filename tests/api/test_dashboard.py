@@ -131,6 +131,7 @@ def test_state_snapshot_has_history_engines_and_residency(server):
                                  "kv_usage"} <= set(state["history"][-1])
     engine = state["engines"]["local"]
     assert engine["budget"]["tpot_slo_ms"] == SLO_MS
+    assert engine["budget"]["finetune_slo_headroom"] == 0.2
     profile = engine["latency_profile"]
     assert profile["points"]["forward"], "the profile's measured points are sent"
     # Backward windows timed at the end of a sequence come with that sequence's length and the key cost.
@@ -195,6 +196,9 @@ def test_dashboard_live_charts_loss_curve_and_cancel(server, backend, page, tmp_
     assert chart_number(page, "profile", "points") > 0
     legend = page.locator("[data-chart=profile]").inner_text()
     assert "backward window" in legend and "backward at the end of 64 tokens" in legend
+    # The pace finetuning keeps decodes at: the limit less the headroom.
+    facts = page.locator("#budget-facts").inner_text()
+    assert f"Finetuning pace\n{0.8 * SLO_MS:.0f} ms" in facts
 
     points_before = chart_number(page, "throughput", "points")
     with Traffic(backend) as traffic:

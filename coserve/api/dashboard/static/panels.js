@@ -86,6 +86,8 @@ export function renderBudget(factsBox, plot, engine) {
      "inference token budget per iteration"],
     ["Sharing", b.sharing ?? "–", "how finetuning shares iterations with inference"],
     ["Margin", tokens ? "–" : `${fmtNum(1e3 * (b.margin || 0), 1)} ms`, "headroom kept below the limit: half the recent prediction error"],
+    ["Finetuning pace", tokens || b.finetune_slo_headroom == null ? "–" : `${fmtNum(1e3 * b.limit * (1 - b.finetune_slo_headroom))} ms`,
+     "finetuning keeps running decodes' mean time per token at or under this, leaving the rest of the limit for prompt bursts"],
     ["Tokens / iter", fmtNum(engine.mean_tokens_per_iteration), "mean tokens per iteration, recent iterations"],
   ];
   const html = facts.map(([k, v, help]) => `<div title="${esc(help)}"><dt>${k}</dt><dd>${esc(v)}</dd></div>`).join("");
