@@ -87,7 +87,8 @@ class SimSetting:
     tpot_safety: float = 0.95
     ttft_safety: float | None = None
     """The engine's TTFT target as a share of the TTFT SLO; None: tpot_safety (as the benchmark)."""
-    headroom: float = 0.2
+    headroom: float = SchedulerConfig().finetune_slo_headroom
+    """The engine's default unless set."""
     sequence_length: int = 512
     batch_size: int = 2
     num_layers: int = 8
