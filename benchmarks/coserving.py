@@ -188,7 +188,8 @@ def run_window(engine, trace: list[TraceRequest], window_s: float, job=None, pre
         while next_index < len(trace) and start + trace[next_index].arrival_s <= now:
             r = trace[next_index]
             requests[r.request_id] = engine.add_request(prefix + r.request_id, r.prompt_token_ids,
-                                                        request_sampling(r.output_len), adapter=r.adapter)
+                                                        request_sampling(r.output_len), adapter=r.adapter,
+                                                        arrival_time=start + r.arrival_s)
             next_index += 1
         if engine.has_unfinished_requests():
             engine.step()
@@ -358,7 +359,8 @@ def _ratio(numerator: float, denominator: float) -> float | None:
 NOTES = [
     ("Every mode replays the same trace (same seed) for the same window: the trace plus the time the last "
      "request needs if it just meets the SLO. Requests unfinished at the window's end miss the SLO."),
-    "TTFT is measured from the trace's scheduled arrival (requests are added between iterations).",
+    ("TTFT is measured from the trace's scheduled arrival. Requests are added between iterations, with that "
+     "arrival as their arrival_time (as a server stamps a request when it arrives)."),
     ("finetune_tokens_per_s: finetuning backward tokens done in the window (a token's forward always "
      "precedes its backward); finetune_sequence_tokens_per_s counts whole sequences whose backward finished."),
     "inference_tokens_per_s: prompt + output tokens of the requests finished in the window, over the window.",

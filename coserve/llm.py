@@ -7,6 +7,7 @@ without disturbing requests already running.
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Iterator, Sequence
 
 from coserve.config import EngineConfig, FinetuneConfig
@@ -66,9 +67,10 @@ class LLM:
             # Validate everything first so a bad prompt queues nothing.
             for toks, p, a in zip(token_ids, params, adapters):
                 self.engine.validate_request(toks, p, a)
-            return [self._loop.track(self.engine.add_request(rid, toks, p, a))
+            return [self._loop.track(self.engine.add_request(rid, toks, p, a, arrival_time=arrival))
                     for rid, toks, p, a in zip(ids, token_ids, params, adapters)]
 
+        arrival = time.monotonic()   # the engine thread may add them an iteration later
         futures = self._loop.call(add_all)
         return [RequestOutput.from_request(self._loop.wait(f), text) for f, text in zip(futures, texts)]
 
@@ -87,9 +89,11 @@ class LLM:
 
         def add():
             self.engine.validate_request(token_ids[0], params, adapter)
-            added["request"] = self.engine.add_request(request_id, token_ids[0], params, adapter)
+            added["request"] = self.engine.add_request(request_id, token_ids[0], params, adapter,
+                                                       arrival_time=arrival)
             return self._loop.track(added["request"])
 
+        arrival = time.monotonic()
         future = self._loop.call(add)
         request, sent = added["request"], 0
         try:

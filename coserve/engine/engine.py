@@ -9,6 +9,7 @@ clean-up of finished requests and finetuning bookkeeping (optimizer steps).
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 from coserve.config import EngineConfig, FinetuneConfig
@@ -111,10 +112,17 @@ class Engine:
             raise UnknownAdapterError(f"unknown adapter {adapter!r}; loaded adapters: {self.adapters.names()}")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    adapter: str | None = None) -> Request:
+                    adapter: str | None = None, arrival_time: float | None = None) -> Request:
+        """Queue a request. `arrival_time` (time.monotonic() seconds, as vLLM's) is when it reached the
+        server: requests submitted from other threads wait for the engine thread, and the TTFT target
+        counts from their arrival. None: now; a time in the future counts as now."""
         self.validate_request(prompt_token_ids, params, adapter)
+        now = time.monotonic()
+        if arrival_time is not None and not (isinstance(arrival_time, (int, float)) and math.isfinite(arrival_time)):
+            raise ValueError(f"arrival_time must be a finite time.monotonic() value, got {arrival_time!r}")
         request = Request(request_id, list(prompt_token_ids), params, adapter=adapter,
-                          eos_token_id=self.eos_token_id, max_model_len=self.max_model_len)
+                          eos_token_id=self.eos_token_id, max_model_len=self.max_model_len,
+                          arrival_time=now if arrival_time is None else min(float(arrival_time), now))
         self.runner.add_request(request_id, params)
         if params.stop:
             self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, params.stop)

@@ -98,8 +98,9 @@ class Scheduler:
 
         An iteration lasts the limit, or longer when the chunk itself pushes it past (`decode_cost`
         plus the chunk's tokens): the chunk is sized for the limit, then once more for that length.
-        One iteration of the time left is kept back: a prompt that arrived while one ran was only
-        added after it, so its TTFT counts more than `arrival_time` shows.
+        One iteration of the time left is kept back, as margin for iterations that run longer than
+        planned. `arrival_time` is when the request reached the server (`Engine.add_request`), not
+        when the engine thread added it, which can be an iteration later.
         """
         if self.config.ttft_slo_ms is None:
             return 0

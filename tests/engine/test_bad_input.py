@@ -151,3 +151,34 @@ def test_unloading_an_adapter_in_use_is_refused(llm):
         llm._loop.call(add_then_unload)
     assert "good" in llm.list_adapters()
     _still_serves(llm)
+
+
+def test_arrival_time_is_kept_clamped_to_now_and_checked(llm):
+    import time
+
+    engine = llm._loop.call(lambda: llm.engine)
+    now = time.monotonic()
+    earlier = llm._loop.call(lambda: engine.add_request("arrived-earlier", [5, 6], GREEDY, arrival_time=now - 0.3))
+    later = llm._loop.call(lambda: engine.add_request("arrives-later", [5, 6], GREEDY, arrival_time=now + 60.0))
+    assert earlier.arrival_time == now - 0.3                 # the TTFT target counts from here
+    assert now <= later.arrival_time <= time.monotonic()     # a future arrival counts as now
+    with pytest.raises(ValueError, match="arrival_time must be a finite"):
+        llm._loop.call(lambda: engine.add_request("bad-arrival", [5, 6], GREEDY, arrival_time=float("nan")))
+    for request in (earlier, later):
+        llm._loop.wait(llm._loop.call(lambda r=request: llm._loop.track(r)))
+    # generate() stamps each request when it is called, before the engine thread adds it.
+    seen, add = [], engine.add_request
+
+    def recording_add(*args, **kwargs):
+        seen.append((kwargs.get("arrival_time"), time.monotonic()))
+        return add(*args, **kwargs)
+
+    engine.add_request = recording_add
+    try:
+        before = time.monotonic()
+        assert len(llm.generate(prompt_token_ids=[[5, 6, 7]], sampling_params=GREEDY)[0].token_ids) == 4
+    finally:
+        del engine.add_request
+    ((arrival, added),) = seen
+    assert arrival is not None and before <= arrival <= added
+    _still_serves(llm)
