@@ -68,7 +68,7 @@ class SimMachine:
     """Gives the backward windows' cost (and is the simulated engine's prior)."""
 
     def mean_seconds(self, shape: IterationShape, backward_cost: CostModel) -> float:
-        backward = sum(f * backward_cost._window_cost(n, start) for n, f, start in shape.backward_windows)
+        backward = sum(f * backward_cost.backward_cost(n, start) for n, f, start in shape.backward_windows)
         seconds = (self.fixed + self.decode_token * shape.decode_tokens + self.prefill_token * shape.prefill_tokens
                    + self.train_token * shape.train_tokens + self.adapter * shape.num_adapters
                    + self.backward_factor * backward + self.overhead)
@@ -134,7 +134,7 @@ def simulate(setting: SimSetting, machine: SimMachine = SimMachine(), seed: int 
     scheduler.finetune.num_layers = setting.num_layers
     cost = CostModel.from_dict(machine.profile)
     scheduler.set_budget(cost, setting.tpot_safety * slo.tpot_s)
-    backward_cost = CostModel.from_dict(machine.profile)
+    backward_cost = CostModel.from_dict(machine.profile)   # never fitted: the profile's own window costs
     planner = scheduler.finetune
     planner.add_job("job", "trained", max_in_flight=setting.batch_size)
     rng = random.Random(seed)

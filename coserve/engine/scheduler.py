@@ -54,6 +54,8 @@ class Scheduler:
         """This iteration's `_catch_up_reserve`: shortens both its prefill chunks and its finetuning."""
         self._finetune_reserve = 0.0
         """This iteration's reserve for finetuning alone: the catch-up to the headroom pace."""
+        self._prompts_held_back = False
+        """This iteration's inference used its whole token budget with prompt work still left."""
 
     def set_budget(self, cost_model: CostModel, limit: float) -> None:
         """Plan iterations with this latency model under this limit (the TPOT SLO, in its unit)."""
@@ -183,20 +185,12 @@ class Scheduler:
         # by the next iteration starting sooner than by finetuning lengthening this one (with a
         # loose SLO the token budget binds before the latency limit). The planner still runs, with
         # nothing to spend, so a starving job gets its guaranteed piece.
-        reserve = self.limit if self._inference_held_back(output) else self._finetune_reserve
+        reserve = self.limit if self._prompts_held_back else self._finetune_reserve
         chunks, windows = self.finetune.plan(self.cost_model, self.limit, IterationShape.of(output), adapters,
                                              reserve=reserve)
         output.sequences += chunks
         output.backward_windows = windows
         return output
-
-    def _inference_held_back(self, output: SchedulerOutput) -> bool:
-        """Whether this iteration's inference filled its token budget with prompt work still left."""
-        scheduled = {s.request_id: s.num_tokens for s in output.sequences}
-        if sum(scheduled.values()) < self._token_budget:
-            return False
-        return bool(self.waiting) or any(r.num_tokens_to_compute > scheduled.get(r.request_id, 0)
-                                         for r in self.running)
 
     def _catch_up_reserve(self, decodes: list[Request], pace: float | None = None) -> float:
         """Part of the limit this iteration must leave unused for a decoding request behind `pace`.
@@ -241,9 +235,10 @@ class Scheduler:
         prefills = [r for r in self.running if r.num_tokens_to_compute > 1]
         self._catch_up = self._catch_up_reserve(decodes)
         # Finetuning keeps decodes at the slower headroom pace; prompts may still use the whole limit.
+        # (A slower pace never reserves less than the limit's catch-up.)
         headroom = self.config.finetune_slo_headroom
-        self._finetune_reserve = max(self._catch_up, self._catch_up_reserve(decodes, (1 - headroom) * self.limit)
-                                     if headroom else 0.0)
+        self._finetune_reserve = (self._catch_up_reserve(decodes, (1 - headroom) * self.limit) if headroom
+                                  else self._catch_up)
         self._token_budget = self._iteration_token_budget(decodes, prefills)
         for request in decodes + prefills:
             if request.status is not RequestStatus.RUNNING:
@@ -263,6 +258,8 @@ class Scheduler:
         # only evict it again next step (vLLM's scheduler makes the same choice).
         if not preempted:
             self._admit_waiting(scheduled)
+        self._prompts_held_back = self._budget_left(scheduled) <= 0 and (
+            bool(self.waiting) or any(r.num_tokens_to_compute > scheduled.get(r.request_id, 0) for r in self.running))
 
         return SchedulerOutput(
             sequences=[self._build_sequence(rid, n) for rid, n in scheduled.items()],
