@@ -1,6 +1,7 @@
 """Bad input gets a clear error naming the problem, and the engine keeps serving."""
 import json
 import shutil
+import time
 
 import pytest
 
@@ -154,9 +155,7 @@ def test_unloading_an_adapter_in_use_is_refused(llm):
 
 
 def test_arrival_time_is_kept_clamped_to_now_and_checked(llm):
-    import time
-
-    engine = llm._loop.call(lambda: llm.engine)
+    engine = llm.engine
     now = time.monotonic()
     earlier = llm._loop.call(lambda: engine.add_request("arrived-earlier", [5, 6], GREEDY, arrival_time=now - 0.3))
     later = llm._loop.call(lambda: engine.add_request("arrives-later", [5, 6], GREEDY, arrival_time=now + 60.0))
