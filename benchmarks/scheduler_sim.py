@@ -64,6 +64,13 @@ class SimMachine:
     """Per-iteration persistence of the drift (about 50 iterations, 3 s)."""
     jitter_sd: float = 0.08
     """Per-iteration spread (log scale)."""
+    episodes_per_s: float = 0.0
+    """Rate of slow episodes: spells in which every iteration costs `episode_factor` times more (the
+    shared machine's neighbours; 30 to 45% for about a second was seen in real runs)."""
+    episode_s: tuple[float, float] = (0.2, 1.0)
+    """An episode's length, uniform in this range."""
+    episode_factor: tuple[float, float] = (1.2, 1.5)
+    """An episode's slowdown, uniform in this range."""
     profile: dict = field(default_factory=lambda: dict(BENCH_SMALL_PROFILE))
     """Gives the backward windows' cost (and is the simulated engine's prior)."""
 
@@ -121,6 +128,17 @@ def _trace(setting: SimSetting) -> list[TraceRequest]:
     return poisson_trace(rate, setting.trace_s, PROMPT_RANGE, OUTPUT_RANGE, adapters, 32000, seed=setting.trace_seed)
 
 
+def _episodes(machine: SimMachine, window: float, rng: random.Random) -> list[tuple[float, float, float]]:
+    """(begin, end, factor) of the slow episodes in [0, window): Poisson arrivals."""
+    episodes, now = [], 0.0
+    while machine.episodes_per_s > 0:
+        now += rng.expovariate(machine.episodes_per_s)
+        if now >= window:
+            break
+        episodes.append((now, now + rng.uniform(*machine.episode_s), rng.uniform(*machine.episode_factor)))
+    return episodes
+
+
 def simulate(setting: SimSetting, machine: SimMachine = SimMachine(), seed: int = 0) -> SimResult:
     """One co-serving run of the benchmark's trace and one continuous finetuning job."""
     trace = _trace(setting)
@@ -139,6 +157,7 @@ def simulate(setting: SimSetting, machine: SimMachine = SimMachine(), seed: int 
     planner.add_job("job", "trained", max_in_flight=setting.batch_size)
     rng = random.Random(seed)
     drift, step, backward_tokens = 0.0, 0, 0
+    episodes = _episodes(machine, window, random.Random(seed + 1_000_003))
     pending, live = list(trace), {}
 
     def next_step() -> None:   # the next optimizer step's sequences once the last one's are done
@@ -167,6 +186,7 @@ def simulate(setting: SimSetting, machine: SimMachine = SimMachine(), seed: int 
         shape = IterationShape.of(output)
         drift = machine.drift_memory * drift + rng.gauss(0.0, machine.drift_sd * math.sqrt(1 - machine.drift_memory ** 2))
         seconds = machine.mean_seconds(shape, backward_cost) * math.exp(drift + rng.gauss(0.0, machine.jitter_sd))
+        seconds *= next((factor for begin, end, factor in episodes if begin <= clock.now < end), 1.0)
         clock.now += seconds
         sampled = {s.request_id: 7 for s in output.sequences if s.needs_sample and not s.is_training}
         scheduler.update(output, RunnerOutput(sampled_token_ids=sampled))
@@ -219,11 +239,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trace-seed", type=int, default=0)
     parser.add_argument("--slowdown", type=float, default=1.0,
                         help="every iteration's mean cost times this (the machine in a slower phase)")
+    parser.add_argument("--episodes-per-s", type=float, default=0.0,
+                        help="rate of slow episodes (0.2 to 1 s at 1.2 to 1.5x the cost)")
     args = parser.parse_args(argv)
     setting = SimSetting(slo=Slo(ttft_s=args.ttft_ms / 1e3, tpot_s=args.tpot_ms / 1e3),
                          max_tokens_per_s=args.max_tokens_per_s, trace_seed=args.trace_seed,
                          tpot_safety=args.tpot_safety, ttft_safety=args.ttft_safety)
-    machine = SimMachine(slowdown=args.slowdown)
+    machine = SimMachine(slowdown=args.slowdown, episodes_per_s=args.episodes_per_s)
     print(json.dumps(compare(setting, args.headroom, args.seeds, machine), indent=2))
 
 

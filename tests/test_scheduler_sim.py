@@ -32,3 +32,10 @@ def test_headroom_keeps_decodes_faster_and_costs_finetuning():
     summary = compare(SHORT, [0.0, 0.3], seeds=2)
     assert set(summary) == {"0.0", "0.3"}
     assert summary["0.3"]["finetune_tokens_per_s_mean"] < summary["0.0"]["finetune_tokens_per_s_mean"]
+
+
+def test_slow_episodes_slow_the_iterations_they_cover():
+    calm = SimMachine(jitter_sd=0.0, drift_sd=0.0)
+    stormy = replace(calm, episodes_per_s=2.0, episode_s=(0.5, 1.0), episode_factor=(1.5, 1.5))
+    assert simulate(SHORT, stormy, seed=0) == simulate(SHORT, stormy, seed=0)
+    assert simulate(SHORT, stormy, seed=0).tpot_p50_ms > simulate(SHORT, calm, seed=0).tpot_p50_ms + 3.0
