@@ -21,3 +21,11 @@ def test_figures_rates_attainment_and_busy_share():
 def test_busy_share_is_over_the_window_when_the_run_was_shorter():
     out = figures(_result([0.5] * 4, wall_s=2.0), Slo(ttft_s=1.0, tpot_s=1.0), window_s=8.0)
     assert out["busy_share"] == 0.25 and out["finetune_tokens_per_s"] == 50.0
+
+
+def test_a_window_reports_the_machine_speed_measured_before_it():
+    from dataclasses import replace
+
+    assert figures(_result([0.05]), Slo(1.0, 1.0), window_s=8.0)["gemm_gflops_before"] is None
+    probed = replace(_result([0.05]), gemm_gflops_before=183.456)
+    assert figures(probed, Slo(1.0, 1.0), window_s=8.0)["gemm_gflops_before"] == 183.5
