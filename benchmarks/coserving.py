@@ -492,7 +492,7 @@ def run_coserving_benchmark(quick: bool, device: str = "auto") -> dict:
         profile = json.loads(profile_path.read_text()) if profile_path.is_file() else None
     gemm_end = gemm_gflops(dev, size=1024, repeats=10)
     # NOTE: the peak is the best probe of the run: one taken in a slow phase would flatter the MFU.
-    peak = max(p for p in (gemm, gemm_end, coserve.gemm_gflops_before) if p is not None)
+    peak = max(gemm, gemm_end, coserve.gemm_gflops_before or 0.0)
     achieved = coserving_gflops(cfg, specs, trace, coserve, window)
     return {
         "benchmark": "coserving", "model": "bench-small", "quick": quick,

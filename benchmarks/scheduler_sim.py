@@ -66,7 +66,7 @@ class SimMachine:
     """Per-iteration spread (log scale)."""
     episodes_per_s: float = 0.0
     """Rate of slow episodes: spells in which every iteration costs `episode_factor` times more (the
-    shared machine's neighbours; 30 to 45% for about a second was seen in real runs)."""
+    shared machine's neighbours: real 45 s runs showed 0 to 6 spells of 0.2 to 1 s at 15 to 45% more)."""
     episode_s: tuple[float, float] = (0.2, 1.0)
     """An episode's length, uniform in this range."""
     episode_factor: tuple[float, float] = (1.2, 1.5)
