@@ -30,9 +30,21 @@ def _window_size(remaining: int, fits_alone: int) -> int:
     return -(-remaining // num_windows)
 
 
-_WINDOW_LIMITS = {"s": 2.0, "tokens": 1.0}
-"""A backward window holds what this many iteration limits pay for (measured costs: bigger windows,
-run in layer pieces, amortize the fixed cost of each window; token units model no fixed cost)."""
+LAYER_PIECE_SHARE = 0.5
+"""With measured costs a backward window is sized so that one layer of it costs about this share of
+the iteration limit. Each layer of a window pays a fixed cost (its weights read again, its recompute
+set up), so bigger windows pay less of it per token, but a one-layer piece must still fit beside an
+iteration's decodes. On bench-small (8 layers) in the co-serving benchmark, back to back: windows
+worth 2 limits (about 70 tokens) trained 102 to 104 tokens/s, 4 limits (170 to 256 tokens) 142 to
+173; 8 limits (whole 512-token sequences, a layer of which rarely fits) 93 to 114 against 146 to 255."""
+
+
+def window_limit(unit: str, limit: float, num_layers: int) -> float:
+    """What one backward window may cost through every layer: at least two iteration limits, and
+    `LAYER_PIECE_SHARE` of a limit per layer (token units model no fixed cost: one limit)."""
+    if unit == "tokens":
+        return limit
+    return max(2.0, LAYER_PIECE_SHARE * num_layers) * limit
 
 
 class _Job:
@@ -198,7 +210,7 @@ class FinetunePlanner:
             return BackwardWindow(seq.seq_id, seq.window_start, seq.backward_end, blocks,
                                   layer_start=seq.layer_top - k, layer_end=seq.layer_top, fraction=k / layers)
         end = seq.backward_end
-        target = _window_size(end, cost.max_backward_tokens(_WINDOW_LIMITS[cost.unit] * limit, end))
+        target = _window_size(end, cost.max_backward_tokens(window_limit(cost.unit, limit, layers), end))
         n = min(target, cost.max_backward_tokens(budget, end))
         # With measured costs a smaller whole window is a poor use of the budget: each window pays a
         # fixed cost (every layer's weights are read again), so layer pieces of the big window do more

@@ -447,3 +447,22 @@ def test_a_window_late_in_a_sequence_costs_its_keys_and_gets_fewer_layers():
     per_layer = cost.backward_cost(window.num_tokens, window.start) / 8
     assert window.fraction * 8 * per_layer <= 0.030 - cost.iteration_base + 1e-12
     assert window.fraction < 1 and window.fraction * 8 == int(window.fraction * 8)
+
+
+@pytest.mark.parametrize("num_layers, window_tokens", [(4, 27), (8, 64), (16, 128)])
+def test_backward_windows_grow_with_the_layers_they_run_in(num_layers, window_tokens):
+    # 10 ms per window + 1 ms per token through every layer; a 20 ms limit of which 2 ms are fixed.
+    # Whole windows may cost max(2, layers / 2) limits: 40 ms (28 tokens), 80 ms (68) or 160 ms
+    # (148), split evenly over the 512 tokens: 19 windows of 27, 8 of 64 or 4 of 128.
+    cost = CostModel(0.002, 0.0001, 0.010, 0.001)
+    scheduler = make(budget=64, num_blocks=400)
+    scheduler.finetune.num_layers = num_layers
+    scheduler.set_budget(cost, 0.020)
+    add_job(scheduler, lengths=(512,), in_flight=1)
+    windows = [w for out in run(scheduler, iterations=5000) for w in out.backward_windows]
+    token_windows = sorted({(w.start, w.end) for w in windows}, reverse=True)
+    assert token_windows[0] == (512 - window_tokens, 512)
+    assert sum(end - start for start, end in token_windows) == 512
+    # One layer of a window always fits an iteration, whatever the model's depth.
+    assert all(cost.iteration_base + cost.backward_cost(end - start) / num_layers <= 0.020
+               for start, end in token_windows)
