@@ -39,7 +39,7 @@ worth 2 limits (about 70 tokens) trained 102 to 104 tokens/s, 4 limits (170 to 2
 173; 8 limits (whole 512-token sequences, a layer of which rarely fits) 93 to 114 against 146 to 255."""
 
 
-def window_limit(unit: str, limit: float, num_layers: int) -> float:
+def _window_limit(unit: str, limit: float, num_layers: int) -> float:
     """What one backward window may cost through every layer: at least two iteration limits, and
     `LAYER_PIECE_SHARE` of a limit per layer (token units model no fixed cost: one limit)."""
     if unit == "tokens":
@@ -210,7 +210,7 @@ class FinetunePlanner:
             return BackwardWindow(seq.seq_id, seq.window_start, seq.backward_end, blocks,
                                   layer_start=seq.layer_top - k, layer_end=seq.layer_top, fraction=k / layers)
         end = seq.backward_end
-        target = _window_size(end, cost.max_backward_tokens(window_limit(cost.unit, limit, layers), end))
+        target = _window_size(end, cost.max_backward_tokens(_window_limit(cost.unit, limit, layers), end))
         n = min(target, cost.max_backward_tokens(budget, end))
         # With measured costs a smaller whole window is a poor use of the budget: each window pays a
         # fixed cost (every layer's weights are read again), so layer pieces of the big window do more
