@@ -12,6 +12,8 @@ import logging
 import math
 import time
 
+import torch
+
 from coserve.config import EngineConfig, FinetuneConfig
 from coserve.engine.adapter_manager import AdapterManager, UnknownAdapterError
 from coserve.engine.budget import configure_budget
@@ -30,6 +32,7 @@ from coserve.finetune.manager import FinetuneManager
 from coserve.graph import inject_adapters, prune_backward
 from coserve.models.attention import allocate_kv_cache, kv_cache_bytes_per_block
 from coserve.models.checkpoint import load_tokenizer, resolve_checkpoint
+from coserve.models.decode_attention import load_decode_kernel
 from coserve.models.llama import head_dim_of
 from coserve.models.loader import load_model
 from coserve.sampling_params import SamplingParams
@@ -71,7 +74,8 @@ class Engine:
         self.prune_report = prune_backward(self.model, self.dtype, config.block_size)
         executor = FinetuneExecutor(self.model, self.kv_caches, config.block_size, self.dtype, self.device)
         self.runner = ModelRunner(self.model, self.kv_caches, config.block_size, self.lora_context,
-                                  self.adapters, self.device, finetune=executor)
+                                  self.adapters, self.device, finetune=executor,
+                                  decode_kernel=self._decode_kernel())
         self.finetune = FinetuneManager(self.model, self.tokenizer, self.adapters, self.scheduler.finetune, executor,
                                         self.max_model_len, self.prune_report.kv_bytes_per_block, config.block_size)
         self.stats = EngineStats()
@@ -79,6 +83,15 @@ class Engine:
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         logger.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens", config.model, self.device,
                     self.dtype, num_blocks, config.block_size)
+
+    def _decode_kernel(self):
+        """The CPU decode-attention kernel for fp32 on a CPU, else None (SDPA per decode)."""
+        if self.device.type != "cpu" or self.dtype != torch.float32:
+            return None
+        kernel, why_not = load_decode_kernel()
+        logger.info("decode attention: %s", "one CPU kernel call per layer" if kernel is not None
+                    else f"SDPA per decode ({why_not})")
+        return kernel
 
     def _num_kv_blocks(self) -> int:
         cfg = self.config

@@ -50,7 +50,7 @@ class _RequestState:
 class ModelRunner:
     def __init__(self, model: CausalLM, kv_caches: list[LayerKVCache], block_size: int,
                  lora_context: LoRAContext, adapters: AdapterManager, device: torch.device,
-                 finetune: FinetuneExecutor | None = None) -> None:
+                 finetune: FinetuneExecutor | None = None, decode_kernel=None) -> None:
         self.model = model
         self.finetune = finetune
         self.kv_caches = kv_caches
@@ -58,6 +58,8 @@ class ModelRunner:
         self.lora_context = lora_context
         self.adapters = adapters
         self.device = device
+        self.decode_kernel = decode_kernel
+        """The CPU decode-attention kernel (`coserve.models.decode_attention`), or None: SDPA per decode."""
         self.sampler = Sampler()
         self._requests: dict[str, _RequestState] = {}
 
@@ -130,7 +132,8 @@ class ModelRunner:
         return ModelInput(
             input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
             positions=torch.tensor(positions, dtype=torch.long, device=device),
-            attention=build_attention_metadata(attn_seqs, self.block_size, self.model.sliding_window, device),
+            attention=build_attention_metadata(attn_seqs, self.block_size, self.model.sliding_window, device,
+                                               decode_kernel=self.decode_kernel),
             lora=LoRABatch.from_slots(token_slots, device),
             sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
             sample_request_ids=sample_ids,

@@ -5,8 +5,10 @@ token each) and prefill chunks (several new tokens, maybe after cached
 context). The runner builds `AttentionMetadata` once per iteration; every layer
 reuses it. New K/V rows are written into the cache at `slot_mapping`
 (slot = block_id * block_size + offset); queries then attend to their sequence's
-cached context. Decodes are bucketed by length into padded SDPA calls; prefill chunks
-run one SDPA call each.
+cached context. Prefill chunks run one SDPA call each. Decodes all go to one call of
+the CPU decode kernel when the runner has it (`decode_attention.py`); otherwise a
+decode whose blocks are contiguous attends through a view of the cache, and the
+others are bucketed by length into padded SDPA calls.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from coserve.models.decode_attention import DecodeGroup, decode_attention
 
 
 @dataclass
@@ -67,6 +71,10 @@ class AttentionMetadata:
     """Prefill chunks, and decodes whose context is contiguous in the cache (read as a view)."""
     decodes: list[DecodeBatch]
     """Other decodes, gathered and bucketed by context length so padding stays small."""
+    decode_group: DecodeGroup | None = None
+    """With the decode kernel: every decode, attended in one kernel call per layer."""
+    decode_kernel: object | None = None
+    """The decode kernel's module (`decode_attention.load_decode_kernel`), or None."""
 
 
 # A decode joins a bucket while its block count is at least this fraction of the bucket's longest.
@@ -83,7 +91,7 @@ def _visible(query_pos: torch.Tensor, key_pos: torch.Tensor, sliding_window: int
 
 def build_attention_metadata(seqs: list[tuple[int, int, list[int]]], block_size: int,
                              sliding_window: int | None, device: torch.device,
-                             decode_views: bool | None = None) -> AttentionMetadata:
+                             decode_views: bool | None = None, decode_kernel=None) -> AttentionMetadata:
     """Build the per-iteration metadata.
 
     Args:
@@ -91,6 +99,8 @@ def build_attention_metadata(seqs: list[tuple[int, int, list[int]]], block_size:
         decode_views: attend a decode whose blocks are contiguous through a view of the cache, one
             call per sequence. Default: on the CPU, where gathering blocks costs more than the extra
             calls (measured 5x); not on CUDA, where the calls are what costs and gathers are cheap.
+        decode_kernel: the CPU decode kernel's module: every decode then goes to one call of it
+            per layer (a decode is one new token after cached ones).
     """
     if decode_views is None:
         decode_views = torch.device(device).type == "cpu"
@@ -109,7 +119,7 @@ def build_attention_metadata(seqs: list[tuple[int, int, list[int]]], block_size:
         needs_window = sliding_window is not None and context_len > sliding_window
         if start == 0 and not needs_window:
             spans.append(SequenceSpan(row, row + num_new, 0, None, None, None, is_causal=True))
-        elif num_new == 1 and not (contiguous and decode_views):
+        elif num_new == 1 and (decode_kernel is not None or not (contiguous and decode_views)):
             decode_rows.append(row)
             decode_tables.append(table)
             decode_lens.append(context_len)
@@ -122,6 +132,11 @@ def build_attention_metadata(seqs: list[tuple[int, int, list[int]]], block_size:
             gather = None if contiguous else torch.tensor(table, dtype=torch.long, device=device)
             spans.append(SequenceSpan(row, row + num_new, start, first_slot, gather, mask, is_causal=False))
         row += num_new
+    slot_mapping = torch.tensor(slots, dtype=torch.long, device=device)
+    if decode_kernel is not None:
+        group = (DecodeGroup.build(decode_rows, decode_tables, decode_lens, sliding_window, device)
+                 if decode_rows else None)
+        return AttentionMetadata(slot_mapping, spans, [], group, decode_kernel)
     buckets = _bucket_by_length(list(range(len(decode_rows))), [len(t) for t in decode_tables])
     decodes = []
     for bucket in buckets:
@@ -133,7 +148,7 @@ def build_attention_metadata(seqs: list[tuple[int, int, list[int]]], block_size:
         mask = _visible(lens - 1, key_pos, sliding_window)      # [B, max_keys]; also hides padding
         rows = torch.tensor([decode_rows[i] for i in bucket], dtype=torch.long, device=device)
         decodes.append(DecodeBatch(rows, tables, mask[:, None, None, :]))
-    return AttentionMetadata(torch.tensor(slots, dtype=torch.long, device=device), spans, decodes)
+    return AttentionMetadata(slot_mapping, spans, decodes)
 
 
 def _bucket_by_length(items: list[int], lengths: list[int]) -> list[list[int]]:
@@ -181,4 +196,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
         o = F.scaled_dot_product_attention(q_dec, k_ctx.transpose(1, 2), v_ctx.transpose(1, 2),
                                            attn_mask=d.mask, scale=scale, enable_gqa=True)
         out.index_copy_(0, d.rows, o[:, :, 0, :])
+    if meta.decode_group is not None:
+        decode_attention(meta.decode_kernel, q, cache.key, cache.value, meta.decode_group, scale, out)
     return out

@@ -37,8 +37,14 @@ _DISABLE_ENV = "COSERVE_LORA_CPU_KERNEL"
 @functools.cache
 def load_cpu_kernel() -> tuple[ModuleType | None, str]:
     """Build (once per machine) and load the extension; (module, "") or (None, why not)."""
-    if os.environ.get(_DISABLE_ENV, "1") == "0":
-        return None, f"{_DISABLE_ENV}=0"
+    return build_cpu_extension("coserve_lora_cpu", _SOURCE, _DISABLE_ENV)
+
+
+def build_cpu_extension(name: str, source: Path, disable_env: str) -> tuple[ModuleType | None, str]:
+    """Build an AVX-512 C++ source into torch's extension cache and load it: (module, "") or
+    (None, why not): `disable_env` set to 0, no AVX-512, no compiler or a failed build."""
+    if os.environ.get(disable_env, "1") == "0":
+        return None, f"{disable_env}=0"
     capability = torch.backends.cpu.get_cpu_capability()
     if capability != "AVX512":
         return None, f"the CPU kernel needs AVX-512, this CPU offers {capability}"
@@ -46,14 +52,14 @@ def load_cpu_kernel() -> tuple[ModuleType | None, str]:
         from torch.utils import cpp_extension
 
         module = cpp_extension.load(
-            name="coserve_lora_cpu",
-            sources=[str(_SOURCE)],
+            name=name,
+            sources=[str(source)],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
-    except Exception as error:  # noqa: BLE001 - any build failure means: use the GEMM path
-        return None, f"building {_SOURCE.name} failed ({type(error).__name__}: {str(error).strip()[:300]})"
+    except Exception as error:  # noqa: BLE001 - any build failure means: use the torch path
+        return None, f"building {source.name} failed ({type(error).__name__}: {str(error).strip()[:300]})"
     return module, ""
 
 
