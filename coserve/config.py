@@ -48,10 +48,11 @@ class SchedulerConfig:
     within this time to first token. None: they are cut to the TPOT SLO alone."""
     min_finetune_tokens: int = 16
     """Smallest finetuning chunk or window worth scheduling (unless less work is left)."""
-    finetune_slo_headroom: float = 0.2
+    finetune_slo_headroom: float = 0.0
     """With a TPOT SLO: finetuning fills an iteration only as far as keeps every running decode's mean
     time per token within (1 - this) x the SLO, so decodes bank time for the prompt bursts that push
-    later iterations past the SLO. Decodes already ahead of that pace let finetuning fill up to the SLO."""
+    later iterations past the SLO. Decodes already ahead of that pace let finetuning fill up to the SLO.
+    0: finetuning takes the largest budget whose predicted latency stays under the SLO."""
     finetune_starvation_iterations: int = 256
     """A finetuning job that got no budget for this many iterations in a row gets one small piece
     anyway (so it always finishes; at most one iteration in this many overruns). A safety net:
@@ -137,9 +138,10 @@ class EngineConfig:
     ttft_slo_ms: float | None = None
     """Time-to-first-token target, used with tpot_slo_ms: prompts are cut into chunks that keep
     running decodes under the TPOT SLO, but never so small that a prompt would miss this target."""
-    finetune_slo_headroom: float = 0.2
+    finetune_slo_headroom: float = 0.0
     """With tpot_slo_ms: share of the SLO finetuning leaves to running decodes so they bank time for
-    prompt bursts (see SchedulerConfig.finetune_slo_headroom); 0 lets finetuning fill every iteration."""
+    prompt bursts (see SchedulerConfig.finetune_slo_headroom); 0, the default, lets finetuning fill
+    every iteration up to the SLO."""
     latency_profile: str | None = None
     """JSON file with a saved latency profile: loaded if it exists, else written after profiling."""
     sharing: str = "coserve"

@@ -27,7 +27,9 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 # NOTE: generous for a 2-layer model (iterations take a few ms): the SLO must be drawn, not bind.
 SLO_MS = 250.0
 # max_model_len=128 keeps the start-up latency profile to its two smallest sizes (a few hundred ms).
-ENGINE = dict(dtype="float32", device="cpu", max_num_batched_tokens=64, max_model_len=128, tpot_slo_ms=SLO_MS)
+HEADROOM = 0.2
+ENGINE = dict(dtype="float32", device="cpu", max_num_batched_tokens=64, max_model_len=128, tpot_slo_ms=SLO_MS,
+              finetune_slo_headroom=HEADROOM)
 API_KEY = "dashboard-test-key"
 WAIT_MS = 20_000
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
@@ -131,7 +133,7 @@ def test_state_snapshot_has_history_engines_and_residency(server):
                                  "kv_usage"} <= set(state["history"][-1])
     engine = state["engines"]["local"]
     assert engine["budget"]["tpot_slo_ms"] == SLO_MS
-    assert engine["budget"]["finetune_slo_headroom"] == 0.2
+    assert engine["budget"]["finetune_slo_headroom"] == HEADROOM
     profile = engine["latency_profile"]
     assert profile["points"]["forward"], "the profile's measured points are sent"
     # Backward windows timed at the end of a sequence come with that sequence's length and the key cost.
@@ -198,7 +200,7 @@ def test_dashboard_live_charts_loss_curve_and_cancel(server, backend, page, tmp_
     assert "backward window" in legend and "backward at the end of 64 tokens" in legend
     # The pace finetuning keeps decodes at: the limit less the headroom.
     facts = page.locator("#budget-facts").inner_text()
-    assert f"Finetuning pace\n{0.8 * SLO_MS:.0f} ms" in facts
+    assert f"Finetuning pace\n{(1 - HEADROOM) * SLO_MS:.0f} ms" in facts
 
     points_before = chart_number(page, "throughput", "points")
     with Traffic(backend) as traffic:
