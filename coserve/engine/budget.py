@@ -54,7 +54,8 @@ def configure_budget(engine) -> Budget:
     else:
         cost_model = CostModel.from_dict(profile)
         if loaded:
-            cost_model.scale = min(MAX_SCALE, max(MIN_SCALE, measure_scale(engine, cost_model)))
+            forward_points = (profile.get("points") or {}).get("forward")
+            cost_model.scale = min(MAX_SCALE, max(MIN_SCALE, measure_scale(engine, cost_model, forward_points)))
             logger.info("latency profile %s loaded; measured scale %.2f", config.latency_profile, cost_model.scale)
         budget = Budget(cost_model, config.tpot_slo_ms / 1000.0, config.tpot_slo_ms, profile)
         if budget.cost_model.max_forward_tokens(budget.limit) < 1:

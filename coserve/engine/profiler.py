@@ -106,10 +106,22 @@ def profile_latency(engine) -> dict:
 CALIBRATION_TOKENS = 32
 
 
-def measure_scale(engine, cost_model: CostModel) -> float:
-    """Measured over predicted latency of a small forward now: the starting `scale` for a profile
-    loaded from a file (it may come from another machine, or from a moment of contention)."""
-    n = min(CALIBRATION_TOKENS, engine.max_model_len - 1)
+def measure_scale(engine, cost_model: CostModel, forward_points: list | None = None) -> float:
+    """Measured over profiled latency of a small forward now: the starting `scale` for a profile
+    loaded from a file (it may come from another machine, or from a moment of contention).
+
+    With the profile's measured `forward_points` ((tokens, seconds) pairs), the forward timed is
+    the profiled size nearest `CALIBRATION_TOKENS` and the scale is the ratio of the two times.
+    The fitted line is only the fallback: it runs below small forwards (the weights are read
+    whatever the token count), so it read a machine as 1.3 to 1.45x slower than it was
+    (bench-small, 32 tokens, measured right after profiling).
+    """
+    points = [(int(n), float(t)) for n, t in forward_points or () if 0 < n < engine.max_model_len and t > 0]
+    if points:
+        n, predicted = min(points, key=lambda point: (abs(point[0] - CALIBRATION_TOKENS), point[0]))
+    else:
+        n = min(CALIBRATION_TOKENS, engine.max_model_len - 1)
+        predicted = cost_model.forward_base + cost_model.forward_per_token * n   # the profile, unscaled
     block_manager = engine.block_manager
     if not block_manager.can_allocate(_PROFILE_ID, n):
         return 1.0
@@ -118,7 +130,6 @@ def measure_scale(engine, cost_model: CostModel) -> float:
         seconds = _time_forward(engine, block_manager.block_ids(_PROFILE_ID), n, engine.model.config.vocab_size)
     finally:
         block_manager.free(_PROFILE_ID)
-    predicted = cost_model.forward_base + cost_model.forward_per_token * n   # the profile, unscaled
     return seconds / predicted if predicted > 0 else 1.0
 
 

@@ -1,11 +1,14 @@
 """The SLO budget: a latency profile measured at start-up (or loaded), and the plan it implies."""
 import json
+from types import SimpleNamespace
 
 import pytest
 
 from coserve import LLM, FinetuneConfig, SamplingParams
+from coserve.engine import profiler
 from coserve.engine.cost_model import CostModel
-from coserve.engine.profiler import _fit_backward
+from coserve.engine.kv_cache import BlockManager
+from coserve.engine.profiler import _fit as _fit_line, _fit_backward
 from coserve.graph import prune_backward
 from coserve.models.llama import head_dim_of
 
@@ -35,8 +38,10 @@ def test_slo_engine_profiles_saves_and_reuses_the_latency_profile(tiny_llama_dir
     finally:
         llm.shutdown()
     # A saved profile is loaded, not measured again: edit it and see the edit in the budget. One small
-    # forward at start-up rescales it: 10 ms per token is far slower than this model, so the scale is < 1.
+    # forward at start-up rescales it against the profiled time of that size: a profile 8x slower than
+    # this machine gives a scale well below 1.
     profile["forward_per_token"] = 0.01
+    profile["points"]["forward"] = [[n, 8 * seconds] for n, seconds in profile["points"]["forward"]]
     path.write_text(json.dumps(profile))
     llm = LLM(model=str(tiny_llama_dir), dtype="float32", device="cpu", tpot_slo_ms=500, latency_profile=str(path))
     try:
@@ -48,6 +53,33 @@ def test_slo_engine_profiles_saves_and_reuses_the_latency_profile(tiny_llama_dir
         assert json.loads(path.read_text()) == profile   # the file itself is left as it was
     finally:
         llm.shutdown()
+
+
+def _curved_forward(n: int) -> float:
+    """A forward whose cost per token grows with the prompt (attention): a line fitted through all the
+    profiled sizes runs below the small ones."""
+    return 0.016 + 0.0003 * n + 3e-7 * n * n
+
+
+def test_loaded_profile_scale_compares_the_same_profiled_size(monkeypatch):
+    engine = SimpleNamespace(max_model_len=1024, block_manager=BlockManager(64, 16),
+                             model=SimpleNamespace(config=SimpleNamespace(vocab_size=100)))
+    points = [(n, _curved_forward(n)) for n in (16, 64, 128, 256, 512)]
+    cost = CostModel(*_fit_line(points), backward_base=0.01, backward_per_token=0.001)
+    timed = []
+
+    def time_forward(engine, blocks, n, vocab):
+        timed.append(n)
+        return speed * _curved_forward(n)
+
+    monkeypatch.setattr(profiler, "_time_forward", time_forward)
+    for speed in (1.0, 1.5, 0.5):
+        # The machine as fast as when profiled reads as 1, not as the line's error at small sizes.
+        assert profiler.measure_scale(engine, cost, points) == pytest.approx(speed)
+    assert set(timed) == {16} and engine.block_manager.num_free_blocks == 64     # its blocks are returned
+    # Without measured points the fitted line is the reference, and the curve reads as slower than it is.
+    speed = 1.0
+    assert profiler.measure_scale(engine, cost) > 1.1
 
 
 def test_prune_backward_budget_is_every_kept_tensor(tiny_llama_dir):
