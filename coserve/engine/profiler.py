@@ -112,9 +112,9 @@ def measure_scale(engine, cost_model: CostModel, forward_points: list | None = N
 
     With the profile's measured `forward_points` ((tokens, seconds) pairs), the forward timed is
     the profiled size nearest `CALIBRATION_TOKENS` and the scale is the ratio of the two times.
-    The fitted line is only the fallback: it runs below small forwards (the weights are read
-    whatever the token count), so it read a machine as 1.3 to 1.45x slower than it was
-    (bench-small, 32 tokens, measured right after profiling).
+    The fitted line is only the fallback: it can run below small forwards (the weights are read
+    whatever the token count), and with it two bench-small profiles read the machine that had
+    just measured them as 1.3 and 1.45x slower (32 tokens).
     """
     points = [(int(n), float(t)) for n, t in forward_points or () if 0 < n < engine.max_model_len and t > 0]
     if points:
