@@ -74,7 +74,7 @@ def test_loaded_profile_scale_compares_the_same_profiled_size(monkeypatch):
 
     monkeypatch.setattr(profiler, "_time_forward", time_forward)
     for speed in (1.0, 1.5, 0.5):
-        # The machine as fast as when profiled reads as 1, not as the line's error at small sizes.
+        # The scale is the machine's speed against the profile, not the line's error at small sizes.
         assert profiler.measure_scale(engine, cost, points) == pytest.approx(speed)
     assert set(timed) == {16} and engine.block_manager.num_free_blocks == 64     # its blocks are returned
     # Without measured points the fitted line is the reference, and the curve reads as slower than it is.
