@@ -94,6 +94,7 @@ class Controller:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._started = False
+        self.incarnation_id = uuid.uuid4().hex   # changes when Ray restarts this actor
         if _restarted_by_ray():
             self._attach_existing_workers()
         self._monitor = threading.Thread(target=self._monitor_loop, name="coserve-monitor", daemon=True)
@@ -169,7 +170,7 @@ class Controller:
     def _mark_lost(self, name: str, handle) -> None:
         with self._lock:
             worker = self.workers.get(name)
-            if worker is not None and worker.handle is handle and worker.healthy:
+            if worker is not None and _same_actor(worker.handle, handle) and worker.healthy:
                 worker.healthy = False
                 logger.warning("worker %s of deployment %s is lost", name, self.name)
         self._wake.set()
@@ -607,6 +608,10 @@ class Controller:
     def ping(self) -> str:
         return self.name
 
+    def incarnation(self) -> str:
+        """An id of this controller process: a new one after Ray restarted the controller."""
+        return self.incarnation_id
+
     def shutdown(self) -> None:
         """Stop monitoring and kill every worker (the caller then kills this actor)."""
         self._stop.set()
@@ -619,6 +624,11 @@ class Controller:
             except Exception:
                 pass
         self.store.close()
+
+
+def _same_actor(a, b) -> bool:
+    """Whether two handles name one actor: a handle that came back through Ray is a new object."""
+    return a is b or (a is not None and b is not None and a._actor_id == b._actor_id)
 
 
 def _restarted_by_ray() -> bool:

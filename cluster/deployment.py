@@ -23,10 +23,10 @@ from typing import Iterator, Sequence
 import ray
 from ray.exceptions import RayActorError
 
-from cluster.errors import DeploymentNotFoundError, WorkerLostError
+from cluster.errors import DeploymentNotFoundError, PlacementError, WorkerLostError
 from cluster.job_handle import ClusterJob
 from cluster.names import NAMESPACE, controller_name
-from cluster.placement import plan_workers
+from cluster.placement import plan_workers, shortfall
 from cluster.ray_connect import connect_ray
 from coserve.config import EngineConfig, FinetuneConfig
 from coserve.finetune.dataset import load_rows
@@ -39,7 +39,7 @@ CONTROLLER_MAX_CONCURRENCY = 512
 CONTROLLER_RESTART_WAIT_S = 60.0
 # Calls that read or that can run twice without harm; others are not retried across a controller restart.
 _RETRYABLE = {"job", "jobs", "stats", "workers_info", "list_adapters", "generate", "route_stream", "ping",
-              "wait_job_step", "evaluate"}
+              "incarnation", "wait_job_step", "evaluate"}
 
 
 def default_directory(name: str) -> Path:
@@ -61,7 +61,7 @@ class Deployment:
               mode: str = "coserve", use_gpu: bool | None = None, gpus_per_worker: float = 1.0,
               cpus_per_worker: float = 1.0, directory: str | os.PathLike | None = None,
               retry_timeout_s: float = 120.0, role_engine_kwargs: dict[str, dict] | None = None,
-              **engine_kwargs) -> "Deployment":
+              placement_timeout_s: float = 60.0, **engine_kwargs) -> "Deployment":
         """Start a controller and its workers; bad input raises and leaves nothing running.
 
         Args:
@@ -75,6 +75,8 @@ class Deployment:
             cpus_per_worker: CPUs per share on CPU clusters; also each worker's torch thread count.
             directory: where the job table, adapter registry and default job outputs live
                 (default ~/.cache/coserve/deployments/<name>; must be shared by all nodes).
+            placement_timeout_s: how long to wait for the cluster to free the CPUs or GPUs the workers
+                need (others' actors may still be releasing them) before PlacementError.
             role_engine_kwargs: per role ("coserve", "inference", "finetune"), EngineConfig fields that
                 override engine_kwargs for those workers (e.g. a larger token budget for finetuning-only ones).
             engine_kwargs: EngineConfig fields for every worker's engine (dtype, max_loras, tpot_slo_ms, ...).
@@ -94,6 +96,7 @@ class Deployment:
                                  f"Deployment.connect({name!r}) or pick another name")
             specs = plan_workers(num_workers, mode, ray.cluster_resources(), use_gpu=use_gpu,
                                  gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker)
+            _wait_for_free_resources(specs, placement_timeout_s)
             directory = Path(directory) if directory is not None else default_directory(name)
             from cluster.controller import Controller   # torch and the engine load only where needed
 
@@ -266,6 +269,10 @@ class Deployment:
     def stats(self) -> dict:
         return self._call("stats")
 
+    def controller_incarnation(self) -> str:
+        """An id of the controller's process; it changes when Ray restarts a controller that died."""
+        return self._call("incarnation")
+
     def shutdown(self) -> None:
         """Stop every worker and the controller (idempotent)."""
         if self._closed:
@@ -275,12 +282,9 @@ class Deployment:
             return
         try:
             ray.get(self._controller.shutdown.remote(), timeout=60)
-        except Exception as exc:  # a dead controller still gets killed below
+        except Exception as exc:  # a dead or restarting controller: its workers are killed by name below
             logger.warning("controller shutdown failed: %s", exc)
-        try:
-            ray.kill(self._controller, no_restart=True)
-        except Exception:
-            pass
+        _kill_deployment(self.name, self._controller)
         _wait_until_released(self.name)
         if self._owns_ray:
             ray.shutdown()
@@ -322,11 +326,33 @@ def _kill_deployment(name: str, controller) -> None:
         ray.kill(controller, no_restart=True)
     except Exception:
         pass
-    for actor_name in _actor_names_of(name):
+    _kill_named(_actor_names_of(name))
+
+
+def _kill_named(actor_names: list[str]) -> None:
+    for actor_name in actor_names:
         try:
             ray.kill(ray.get_actor(actor_name, namespace=NAMESPACE), no_restart=True)
-        except Exception:
+        except Exception:   # already gone
             pass
+
+
+def _wait_for_free_resources(specs, timeout_s: float) -> None:
+    """Wait until the cluster's free CPUs/GPUs cover the workers; else PlacementError naming the gap.
+
+    Ray would leave workers that do not fit pending for ever, and `start` would hang.
+    """
+    deadline = time.monotonic() + timeout_s
+    while missing := shortfall(specs, ray.available_resources()):
+        if time.monotonic() > deadline:
+            running = _running_deployments()
+            gap = ", ".join(f"{amount:g} more {kind}" for kind, amount in missing.items())
+            raise PlacementError(
+                f"the Ray cluster's free resources stayed short of what the {len(specs)} worker(s) need "
+                f"({gap}) for {timeout_s:g} s; other actors hold them"
+                + (f" (running deployments: {', '.join(running)})" if running else "")
+                + "; stop them or use fewer or smaller workers")
+        time.sleep(0.2)
 
 
 NAME_RELEASE_WAIT_S = 10.0
@@ -343,10 +369,15 @@ def _wait_until_released(name: str) -> None:
     """Wait (bounded) until Ray has dropped the actor names of deployment `name`.
 
     ray.kill returns before the actor is gone, and a deployment started under the same name right
-    after a shutdown would find the old controller still registered.
+    after a shutdown would find the old controller still registered. A name still there after a
+    while is killed again: a worker the controller was creating as it died registers late.
     """
     deadline = time.monotonic() + NAME_RELEASE_WAIT_S
+    next_kill = time.monotonic() + 1.0
     while (left := _actor_names_of(name)) and time.monotonic() < deadline:
+        if time.monotonic() > next_kill:
+            _kill_named(left)
+            next_kill = time.monotonic() + 1.0
         time.sleep(0.05)
     if left:
         logger.warning("deployment %r: actors %s still registered %.0f s after shutdown", name, left,

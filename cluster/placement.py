@@ -64,3 +64,13 @@ def plan_workers(num_workers: int, mode: str, cluster_resources: dict, *, use_gp
     return [s for i in range(num_workers)
             for s in (spec(f"worker-{i}-inference", "inference", i, 0.5),
                       spec(f"worker-{i}-finetune", "finetune", i, 0.5))]
+
+
+def shortfall(specs: list[WorkerSpec], free: dict) -> dict[str, float]:
+    """What the workers need beyond the cluster's free resources now: {"CPU": 1.0} etc., {} when they fit.
+
+    Ray would keep such workers pending forever; the caller turns a lasting shortfall into an error.
+    """
+    need = {"CPU": sum(s.num_cpus for s in specs), "GPU": sum(s.num_gpus for s in specs)}
+    return {kind: amount - float(free.get(kind, 0.0)) for kind, amount in need.items()
+            if amount > float(free.get(kind, 0.0)) + 1e-9}

@@ -204,23 +204,24 @@ def test_a_partly_streamed_request_fails_clearly_when_its_worker_dies(dep):
         for _ in stream:
             pass
     assert time.monotonic() - started < 60
-    wait_for(lambda: all(w["healthy"] for w in dep.workers()), RECOVERY_TIMEOUT_S, "the worker's replacement")
+
+    def replaced() -> bool:
+        workers = {w["name"]: w for w in dep.workers()}
+        return workers[busy[0]["name"]]["restarts"] > busy[0]["restarts"] and all(
+            w["healthy"] for w in workers.values())
+    wait_for(replaced, RECOVERY_TIMEOUT_S, "the worker's replacement")
 
 
 def test_controller_restart_keeps_jobs_and_adapters(dep):
     jobs_before = {j["job_id"]: j["status"] for j in dep.jobs()}
+    incarnation = dep.controller_incarnation()
     controller = ray.get_actor("test-coserve:controller", namespace="coserve")
     ray.kill(controller, no_restart=False)
-    wait_for(lambda: _answers(dep), 60, "the controller to restart")
+    # ray.kill returns before the old controller is gone: wait for calls to reach the new one.
+    wait_for(lambda: dep.controller_incarnation() != incarnation, 60, "the controller to restart")
     assert {j["job_id"]: j["status"] for j in dep.jobs()} == jobs_before
     assert {"a", "trained"} <= set(dep.list_adapters())
-    assert all(w["healthy"] for w in dep.workers())
+    # The new controller found the workers by name (or replaces one it could not find).
+    wait_for(lambda: all(w["healthy"] for w in dep.workers()), RECOVERY_TIMEOUT_S, "every worker to be healthy")
     out = dep.generate(prompt_token_ids=[[5, 6, 7]], sampling_params=GREEDY, adapter="a")[0]
     assert len(out.token_ids) == 6
-
-
-def _answers(dep) -> bool:
-    try:
-        return bool(dep.workers())
-    except Exception:
-        return False

@@ -86,6 +86,44 @@ def test_more_workers_than_devices_fails_and_starts_nothing(ray_session, tiny_ll
     assert deployment_actors("test-too-many") == []
 
 
+@ray.remote(num_cpus=1)
+class _Holder:
+    """Takes one of the session's two CPUs, like an actor of another application."""
+
+    def ready(self) -> bool:
+        return True
+
+
+def test_start_fails_clearly_when_other_actors_hold_the_cpus(ray_session, tiny_llama_dir, tmp_path):
+    holder = _Holder.remote()
+    try:
+        ray.get(holder.ready.remote())
+        started = time.monotonic()
+        with pytest.raises(PlacementError, match=r"free resources stayed short .*\(1 more CPU\) for 2 s"):
+            Deployment.start(model=str(tiny_llama_dir), num_workers=2, name="test-crowded", use_gpu=False,
+                             directory=tmp_path, placement_timeout_s=2, **ENGINE)
+        assert time.monotonic() - started < 30   # an error, not workers pending for ever
+        assert deployment_actors("test-crowded") == []
+    finally:
+        ray.kill(holder)
+
+
+def test_a_worker_handle_that_came_back_through_ray_marks_its_worker_lost(ray_session, tmp_path):
+    from cluster.controller import Controller, WorkerState
+    from cluster.placement import WorkerSpec
+
+    holder = _Holder.remote()
+    returned = ray.get(ray.put([holder]))[0]   # what a driver sends back in stream_done
+    assert returned is not holder
+    controller = Controller("test-plain", "unused-model", [], {}, str(tmp_path))
+    try:
+        controller.workers["worker-0"] = WorkerState(WorkerSpec("worker-0", "coserve", 0, 1.0, 0.0), holder)
+        controller.stream_done("worker-0", 0, lost_handle=returned)
+        assert not controller.workers["worker-0"].healthy
+    finally:
+        controller.shutdown()   # stops its monitor and kills the holder
+
+
 def test_bad_input_names_the_problem(ray_session, tiny_llama_dir, tmp_path):
     with pytest.raises(DeploymentNotFoundError, match="no coserve deployment named 'nope'"):
         Deployment.connect("nope")
