@@ -73,7 +73,7 @@ class IterationShape:
                 prefill += seq.num_tokens
             if seq.adapter is not None:
                 adapters.add(seq.adapter)
-        windows = tuple((w.num_tokens, w.fraction, w.start) for w in output.backward_windows)
+        windows = tuple(part for w in output.backward_windows for part in w.parts)
         return cls(decode, prefill, train, windows, len(adapters))
 
     @property

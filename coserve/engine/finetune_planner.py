@@ -16,7 +16,7 @@ from coserve.config import SchedulerConfig
 from coserve.engine.cost_model import CostModel, IterationShape
 from coserve.engine.kv_cache import BlockManager
 from coserve.engine.outputs import ScheduledSequence, SchedulerOutput
-from coserve.engine.training_sequence import BackwardWindow, TrainingSequence
+from coserve.engine.training_sequence import BackwardWindow, PieceCut, TrainingSequence, next_piece, piece_steps
 
 
 def _window_size(remaining: int, fits_alone: int) -> int:
@@ -158,7 +158,7 @@ class FinetunePlanner:
             if window is None:
                 continue
             windows.append(window)
-            spent += base + window.fraction * cost.backward_cost(window.num_tokens, window.start)
+            spent += base + self.piece_cost(cost, window)
             state["base_paid"] = True
             took = True
         planned: set[str] = state["planned"]
@@ -201,6 +201,9 @@ class FinetunePlanner:
         later iterations; `force` takes the smallest piece even when nothing fits."""
         blocks = self.block_manager.block_ids(seq.seq_id)
         layers = self.num_layers
+        if seq.window_start is not None and cost.unit != "tokens":   # continue a part-done window
+            return self._cut_piece(cost, seq, seq.window_start, seq.backward_end, seq.layer_top, seq.token_cut,
+                                   budget, force)
         if seq.window_start is not None:          # continue a part-done window
             n = seq.backward_end - seq.window_start
             k = min(seq.layer_top, self._layers_within(cost, n, seq.window_start, budget))
@@ -223,7 +226,12 @@ class FinetunePlanner:
         k = self._layers_within(cost, size, end - size, budget)
         if k >= layers:
             return BackwardWindow(seq.seq_id, end - size, end, blocks)
-        if k >= 1:
+        if cost.unit != "tokens":
+            # Measured costs: whole layers and the later tokens of the next one fill the budget.
+            piece = self._cut_piece(cost, seq, end - size, end, layers, None, budget, force=False)
+            if piece is not None:
+                return piece
+        elif k >= 1:
             return BackwardWindow(seq.seq_id, end - size, end, blocks,
                                   layer_start=layers - k, layer_end=None, fraction=k / layers)
         # Not even one layer of it fits: a smaller whole window, if a worthwhile one does.
@@ -237,6 +245,50 @@ class FinetunePlanner:
         n = min(end, max(1, self.config.min_finetune_tokens))
         return BackwardWindow(seq.seq_id, end - n, end, blocks,
                               layer_start=layers - 1, layer_end=None, fraction=1 / layers)
+
+    def _cut_piece(self, cost: CostModel, seq: TrainingSequence, start: int, end: int, layer_top: int,
+                   token_cut: int | None, budget: float, force: bool) -> BackwardWindow | None:
+        """The biggest piece of window [start, end) from its cursor that `budget` pays for: the rest of
+        the current layer, whole layers, then the later tokens of the next layer (a layer is cut by
+        tokens only in parts of at least `min_finetune_tokens` and an eighth of the window, as each
+        part pays a layer's fixed cost). `force`: the rest of the current layer even over budget."""
+        layers, width = self.num_layers, end - start
+        min_cut = max(self.config.min_finetune_tokens, width // 8)
+        per_layer_token = cost.backward_cost(width, start) / (layers * width)
+        most = layers * width if per_layer_token <= 0 else min(layers * width, int(budget / per_layer_token))
+        # Each cut part also pays a layer's fixed cost, which the per-token estimate leaves out:
+        # bisect the layer work for the biggest piece whose priced cost fits.
+        best, low, high = None, 1, most
+        while low <= high:
+            mid = (low + high) // 2
+            cut = next_piece(start, end, layers, layer_top, token_cut, mid, min_cut)
+            if cut is not None and self.piece_cost(cost, piece := self._piece(seq, start, end, cut)) > budget:
+                high = mid - 1
+                continue
+            if cut is not None:
+                best = piece
+            low = mid + 1
+        if best is not None or not force:
+            return best
+        left_in_layer = (end if token_cut is None else token_cut) - start
+        return self._piece(seq, start, end, next_piece(start, end, layers, layer_top, token_cut, left_in_layer))
+
+    def _piece(self, seq: TrainingSequence, start: int, end: int, cut: PieceCut) -> BackwardWindow:
+        """The BackwardWindow of a cut, priced as its whole layers plus each token-cut layer part."""
+        layers, width = self.num_layers, end - start
+        steps = piece_steps(layers, start, end, cut.layer_start, cut.layer_end, cut.resume_cut, cut.stop_cut)
+        whole = sum(1 for _, first, last in steps if (first, last) == (start, end))
+        parts = [(width, whole / layers, start)] if whole else []
+        parts += [(last - first, 1 / layers, first) for _, first, last in steps if (first, last) != (start, end)]
+        return BackwardWindow(seq.seq_id, start, end, self.block_manager.block_ids(seq.seq_id),
+                              layer_start=cut.layer_start, layer_end=cut.layer_end,
+                              fraction=cut.layer_tokens / (layers * width), resume_cut=cut.resume_cut,
+                              stop_cut=cut.stop_cut, cost_parts=tuple(parts))
+
+    @staticmethod
+    def piece_cost(cost: CostModel, window: BackwardWindow) -> float:
+        """What a backward piece adds to an iteration (the iteration's fixed cost apart)."""
+        return sum(share * cost.backward_cost(n, first) for n, share, first in window.parts)
 
     def _layers_within(self, cost: CostModel, num_tokens: int, start: int, budget: float) -> int:
         per_layer = cost.backward_cost(num_tokens, start) / self.num_layers
@@ -283,9 +335,9 @@ class FinetunePlanner:
             if seq is None:
                 continue
             if not window.finishes_window:        # upper layers done; the rest in later iterations
-                seq.window_start, seq.layer_top = window.start, window.layer_start
+                seq.window_start, seq.layer_top, seq.token_cut = window.start, window.layer_start, window.stop_cut
                 continue
-            seq.backward_end, seq.window_start, seq.layer_top = window.start, None, 0
+            seq.backward_end, seq.window_start, seq.layer_top, seq.token_cut = window.start, None, 0, None
             if seq.is_done:
                 self._release(seq)
                 job = self.jobs.get(seq.job_id)

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from coserve.engine.training_sequence import piece_steps
 from coserve.finetune.buffers import SequenceBuffers
 from coserve.finetune.trainable import LoRAWeights, TrainableLoRA
 from coserve.models.attention import LayerKVCache
@@ -157,43 +158,50 @@ def layer_backward(layer, prefix: str, lora_of: LoRALookup, x: torch.Tensor, gra
 
 def sequence_backward_window(model, lora: TrainableLoRA, buffers: SequenceBuffers, kv_caches: list[LayerKVCache],
                              slots: torch.Tensor, start: int, end: int, layer_start: int = 0,
-                             layer_end: int | None = None) -> None:
+                             layer_end: int | None = None, resume_cut: int | None = None,
+                             stop_cut: int | None = None) -> None:
     """Backward of tokens [start, end) of one sequence through layers [layer_start, layer_end), top-down.
 
-    A window may run in layer pieces over several calls, top piece first (layer_end None), each
-    piece starting where the previous one stopped; the gradient between pieces waits in
-    `buffers.pending_grad`. Pieces of one window must finish before the next window starts.
+    A window may run in pieces over several calls, top piece first (layer_end None), each piece
+    starting where the previous one stopped; a piece may also cut a layer by tokens, later tokens
+    first (`resume_cut`, `stop_cut`: see `BackwardWindow`). Between pieces the gradients wait in
+    `buffers.pending_grad` and `buffers.partial_grad`. Pieces of one window must finish before the
+    next window starts.
 
     Args:
         slots: [>= end] long, KV-cache slot of each position of the sequence.
     """
     layers = model.model.layers
-    top = len(layers) if layer_end is None else layer_end
-    if layer_end is None:
+    steps = piece_steps(len(layers), start, end, layer_start, layer_end, resume_cut, stop_cut)
+    if layer_end is None and resume_cut is None:
         buffers.start_backward(first_window_start=start)
-        grad = buffers.grad_final[start:end]
-    else:
-        grad = buffers.pending_grad
-        if grad is None or grad.shape[0] != end - start:
-            raise RuntimeError(f"layer piece [{layer_start}, {layer_end}) of tokens [{start}, {end}) has no "
+        buffers.pending_grad = buffers.partial_grad = None
+    elif buffers.pending_grad is None or buffers.pending_grad.shape[0] != end - start:
+        if not (layer_end in (None, len(layers)) and resume_cut is not None):   # the top layer needs none
+            raise RuntimeError(f"piece [{layer_start}, {layer_end}) of tokens [{start}, {end}) has no "
                                "gradient from the piece above it")
-    positions = torch.arange(start, end, device=slots.device)
     dtype = buffers.layer_inputs.dtype
-    cos, sin = model.rotary(positions, dtype)
-    past_slots, window_slots = slots[:start], slots[start:end]
-    for index in reversed(range(layer_start, top)):
+    cos_all, sin_all = model.rotary(torch.arange(start, end, device=slots.device), dtype)
+    for index, first, last in steps:
         cache = kv_caches[index]
         kv_heads, head_dim = cache.key.shape[2], cache.key.shape[3]
-        key_past = cache.key.view(-1, kv_heads, head_dim).index_select(0, past_slots)
-        value_past = cache.value.view(-1, kv_heads, head_dim).index_select(0, past_slots)
-        key_window = cache.key.view(-1, kv_heads, head_dim).index_select(0, window_slots)
-        value_window = cache.value.view(-1, kv_heads, head_dim).index_select(0, window_slots)
+        keys, values = cache.key.view(-1, kv_heads, head_dim), cache.value.view(-1, kv_heads, head_dim)
+        past_slots, step_slots = slots[:first], slots[first:last]
+        rows = slice(first - start, last - start)
+        grad_out = buffers.grad_final[first:last] if index == len(layers) - 1 else buffers.pending_grad[rows]
+        if first:
+            buffers.cover_kv_grads(first)
         grad_x, grad_key_past, grad_value_past = layer_backward(
-            layers[index], f"model.layers.{index}", lora.get, buffers.layer_inputs[index, start:end], grad,
-            cos, sin, key_past, value_past, key_window, value_window, *buffers.kv_grads(index, start, end),
-            model.sliding_window, need_input_grad=index > 0)
-        if start:
-            buffers.grad_key[index, :start] += grad_key_past
-            buffers.grad_value[index, :start] += grad_value_past
-        grad = grad_x
-    buffers.pending_grad = grad if layer_start > 0 else None
+            layers[index], f"model.layers.{index}", lora.get, buffers.layer_inputs[index, first:last], grad_out,
+            cos_all[rows], sin_all[rows], keys.index_select(0, past_slots), values.index_select(0, past_slots),
+            keys.index_select(0, step_slots), values.index_select(0, step_slots),
+            *buffers.kv_grads(index, first, last), model.sliding_window, need_input_grad=index > 0)
+        if first:
+            buffers.grad_key[index, :first] += grad_key_past
+            buffers.grad_value[index, :first] += grad_value_past
+        if grad_x is not None:
+            if buffers.partial_grad is None:
+                buffers.partial_grad = grad_x.new_zeros(end - start, grad_x.shape[1])
+            buffers.partial_grad[rows] = grad_x
+        if first == start:   # the layer is done: its input gradient feeds the layer below
+            buffers.pending_grad, buffers.partial_grad = buffers.partial_grad, None

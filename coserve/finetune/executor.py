@@ -112,12 +112,12 @@ class FinetuneExecutor:
         return losses, result.extra_logits
 
     def backward(self, seq_id: str, start: int, end: int, block_ids: list[int], layer_start: int = 0,
-                 layer_end: int | None = None) -> None:
+                 layer_end: int | None = None, resume_cut: int | None = None, stop_cut: int | None = None) -> None:
         """Backward of tokens [start, end) of a sequence whose forward is complete (layers
-        [layer_start, layer_end) for a piece of a layer window)."""
+        [layer_start, layer_end), and token cuts, for a piece of a window: see `BackwardWindow`)."""
         seq = self._sequences[seq_id]
         positions = torch.arange(end)
         table = torch.tensor(block_ids, dtype=torch.long)
         slots = (table[positions // self.block_size] * self.block_size + positions % self.block_size).to(self.device)
         sequence_backward_window(self.model, seq.lora, self._buffers(seq), self.kv_caches, slots, start, end,
-                                 layer_start, layer_end)
+                                 layer_start, layer_end, resume_cut, stop_cut)

@@ -57,6 +57,7 @@ class FinetuneManager:
         self.block_size = block_size
         self.jobs: dict[str, FinetuneJob] = {}
         self.saved_bytes_per_token: float | None = None   # measured at a sequence's first backward window
+        self._measured_seq: str | None = None
 
     # ---- creating jobs ------------------------------------------------------------------------
 
@@ -162,9 +163,10 @@ class FinetuneManager:
             seq = self.planner.sequences.get(window.seq_id)
             try:
                 self.executor.backward(window.seq_id, window.start, window.end, window.block_ids,
-                                       window.layer_start, window.layer_end)
-                if seq is not None and window.end == seq.length and window.layer_end is None:
-                    # The first window allocated the accumulators: this is the sequence's peak.
+                                       window.layer_start, window.layer_end, window.resume_cut, window.stop_cut)
+                if seq is not None and window.end == seq.length:
+                    # The first window allocated the accumulators (and its token cuts grow them):
+                    # the sequence's peak is reached during it.
                     self._measure_saved_bytes(window.seq_id, seq.length)
             except Exception as exc:
                 logger.exception("backward failed in job %s", job_id)
@@ -190,7 +192,10 @@ class FinetuneManager:
         """Bytes kept for this sequence's backward (buffers + its KV blocks) per token."""
         buffer_bytes = self.executor.sequence_bytes(seq_id)
         kv_bytes = self.planner.block_manager.num_blocks_needed(length) * self.kv_bytes_per_block
-        self.saved_bytes_per_token = (buffer_bytes + kv_bytes) / length
+        per_token = (buffer_bytes + kv_bytes) / length
+        if seq_id == self._measured_seq:   # a later piece of the same first window: keep the peak
+            per_token = max(per_token, self.saved_bytes_per_token)
+        self.saved_bytes_per_token, self._measured_seq = per_token, seq_id
 
     def _finish_step(self, job: FinetuneJob) -> None:
         try:

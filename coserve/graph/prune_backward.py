@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from coserve.finetune.buffers import SequenceBuffers
+from coserve.finetune.buffers import grad_dtype
 from coserve.models.attention import kv_cache_bytes_per_block
 from coserve.models.llama import CausalLM, head_dim_of
 
@@ -42,7 +42,7 @@ def prune_backward(model: CausalLM, dtype: torch.dtype, block_size: int) -> Prun
     layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
     kv_width = cfg.num_key_value_heads * head_dim_of(cfg)
     size = torch.empty((), dtype=dtype).element_size()
-    grad_size = torch.empty((), dtype=SequenceBuffers.GRAD_DTYPE).element_size()
+    grad_size = torch.empty((), dtype=grad_dtype(dtype)).element_size()
     breakdown = {
         "layer_inputs": layers * hidden * size,
         "kv_cache": 2 * layers * kv_width * size,

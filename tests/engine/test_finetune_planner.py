@@ -10,6 +10,7 @@ import pytest
 
 from coserve.config import SchedulerConfig
 from coserve.engine.cost_model import CostModel, IterationShape
+from coserve.engine.finetune_planner import FinetunePlanner
 from coserve.engine.kv_cache import BlockManager
 from coserve.engine.outputs import RunnerOutput
 from coserve.engine.request import Request
@@ -419,6 +420,59 @@ def test_windows_too_big_for_an_iteration_run_in_layer_pieces_top_down():
         assert cost.predict(IterationShape.of(out)) <= 0.020 + 1e-12
 
 
+def test_pieces_cut_layers_by_tokens_to_fill_the_budget_and_cover_each_layer_token_once():
+    scheduler = make(budget=64, min_tokens=4, num_blocks=400)
+    scheduler.finetune.num_layers = 8
+    # A whole window costs far more than the limit, and a layer of it 8 ms against 19 ms left:
+    # two whole layers leave 3 ms, which the later tokens of the next layer fill.
+    cost = CostModel(0.001, 0.0001, 0.0, 0.0016)
+    scheduler.set_budget(cost, 0.020)
+    seqs = add_job(scheduler, lengths=(40,), in_flight=1)
+    outputs = run(scheduler)
+    assert {s.seq_id for s in scheduler.finetune.pop_completed()} == {seqs[0].seq_id}
+    pieces = [w for out in outputs for w in out.backward_windows]
+    assert any(p.stop_cut is not None for p in pieces) and any(p.resume_cut is not None for p in pieces)
+    done = []
+    for piece in pieces:
+        for layer, first, last in piece.steps(8):
+            done += [(piece.start, piece.end, layer, token) for token in reversed(range(first, last))]
+    # Windows in reverse order; within one, layers top-down and each layer's tokens last to first.
+    windows = sorted({(start, end) for start, end, _, _ in done}, reverse=True)
+    assert sum(end - start for start, end in windows) == 40 and windows[-1][0] == 0
+    assert done == [(start, end, layer, token) for start, end in windows for layer in reversed(range(8))
+                    for token in reversed(range(start, end))]
+    for out in outputs:
+        assert cost.predict(IterationShape.of(out)) <= 0.020 + 1e-12
+    # A piece that stops inside a layer left less of the budget than a minimum cut (5 tokens) costs.
+    budget, per_layer_token = 0.020 - cost.iteration_base, cost.backward_cost(40) / (8 * 40)
+    cut = [FinetunePlanner.piece_cost(cost, p) for p in pieces if p.stop_cut is not None]
+    assert cut and all(budget - 5 * per_layer_token < spent <= budget + 1e-12 for spent in cut)
+
+
+def test_a_part_done_layer_is_finished_when_each_cut_part_pays_a_layers_fixed_cost():
+    scheduler = make(budget=64, min_tokens=4, num_blocks=400)
+    planner = scheduler.finetune
+    planner.num_layers = 8
+    # 80 ms of fixed cost per window: 10 ms for each layer part, on top of 0.2 ms per layer-token.
+    cost = CostModel(0.001, 0.0001, 0.080, 0.0016)
+    (seq,) = add_job(scheduler, lengths=(40,), in_flight=1)
+    planner._admit(planner.jobs["job"], seq)
+    seq.num_forward_done, seq.backward_end = 40, 40
+    seq.window_start, seq.layer_top, seq.token_cut = 0, 3, 8     # layer 2 has tokens [0, 8) left
+    piece = planner._plan_window(seq, cost, budget=0.019, limit=0.020, min_backward=4, force=False)
+    # Layer 2's rest costs 11.6 ms (10 fixed, 8 x 0.2); cutting layer 1 too would add 10 ms more.
+    assert (piece.layer_start, piece.layer_end, piece.resume_cut, piece.stop_cut) == (2, 3, 8, None)
+    assert FinetunePlanner.piece_cost(cost, piece) == pytest.approx(0.0116)
+    # 40 ms: layer 2's rest and all of layer 1 (18 ms); a cut of layer 0 (11 ms or more) does not fit.
+    piece = planner._plan_window(seq, cost, budget=0.040, limit=0.050, min_backward=4, force=False)
+    assert (piece.layer_start, piece.layer_end, piece.resume_cut, piece.stop_cut) == (1, 3, 8, None)
+    assert FinetunePlanner.piece_cost(cost, piece) == pytest.approx(0.0296)
+    # 45 ms: also the last 27 tokens of layer 0 (15.4 ms).
+    piece = planner._plan_window(seq, cost, budget=0.045, limit=0.050, min_backward=4, force=False)
+    assert (piece.layer_start, piece.resume_cut, piece.stop_cut) == (1, 8, 13)
+    assert FinetunePlanner.piece_cost(cost, piece) == pytest.approx(0.0296 + 0.010 + 27 * 0.0002)
+
+
 def test_a_window_late_in_a_sequence_costs_its_keys_and_gets_fewer_layers():
     # 5 ms + 2 ms per token + 10 us per (token x key it attends to), per whole window of 8 layers.
     cost = CostModel(0.010, 0.001, 0.005, 0.002, backward_per_key=1e-5)
@@ -444,9 +498,10 @@ def test_a_window_late_in_a_sequence_costs_its_keys_and_gets_fewer_layers():
         if out.backward_windows:
             break
     (window,) = out.backward_windows
-    per_layer = cost.backward_cost(window.num_tokens, window.start) / 8
-    assert window.fraction * 8 * per_layer <= 0.030 - cost.iteration_base + 1e-12
-    assert window.fraction < 1 and window.fraction * 8 == int(window.fraction * 8)
+    budget = 0.030 - cost.iteration_base
+    assert FinetunePlanner.piece_cost(cost, window) <= budget + 1e-12
+    position_free_share = budget / cost.backward_cost(window.num_tokens)
+    assert window.fraction < min(1.0, position_free_share)
 
 
 @pytest.mark.parametrize("num_layers, window_tokens", [(4, 27), (8, 64), (16, 128)])

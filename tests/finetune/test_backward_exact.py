@@ -9,7 +9,9 @@ transformers + peft on the whole sequence.
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import AutoConfig
 
+from coserve.engine.training_sequence import next_piece
 from coserve.finetune.executor import FinetuneExecutor
 from coserve.finetune.trainable import TrainableLoRA
 from coserve.graph import inject_adapters
@@ -116,20 +118,13 @@ def _make_sequences(vocab, lengths, seed):
     return seqs
 
 
-@pytest.mark.parametrize("chunk,window,layers_per_piece", [(5, 3, None), (7, 13, None), (64, 64, None),
-                                                           (7, 13, 1), (5, 9, 2)])
-def test_chunked_forward_and_windowed_backward_equal_full_sequence(tiny_model_dir, tmp_path, chunk, window,
-                                                                    layers_per_piece):
-    """layers_per_piece: run each token window as layer windows of that many layers, top-down,
-    one call each (as the planner does when a whole window does not fit an iteration)."""
-    adapter_dir = make_peft_adapter_dir(tiny_model_dir, tmp_path / "adapter", seed=1, r=4, lora_alpha=8,
-                                        target_modules="all-linear")
-    trainer = _ChunkedTrainer(tiny_model_dir, adapter_dir, max_len=64)
-    sequences = _make_sequences(trainer.model.config.vocab_size, [23, 17], seed=2)
-    num_targets = sum(sum(t != IGNORE for t in targets) for _, targets in sequences)
-    scale = 1.0 / num_targets
-    ref_loss, ref_grads = _peft_reference_grads(tiny_model_dir, adapter_dir, sequences, scale)
-
+def _chunked_grads(model_dir, adapter_dir, sequences, scale, chunk, window, pieces):
+    """Loss sum and LoRA gradients of `sequences` through the engine path: forward in chunks of
+    `chunk` tokens, backward in reverse windows of `window` tokens, each window run as `pieces`:
+    None, one call; ("layers", k): layer windows of k layers, top-down, one call each (as the planner
+    does when a whole window does not fit an iteration); ("tokens", u): pieces of u tokens of layer
+    work each, which cut layers by tokens. Also returns how many pieces cut a layer."""
+    trainer = _ChunkedTrainer(model_dir, adapter_dir, max_len=64)
     tokens_of = {}
     for i, (tokens, targets) in enumerate(sequences):
         trainer.add(f"s{i}", tokens, targets, scale)
@@ -148,30 +143,71 @@ def test_chunked_forward_and_windowed_backward_equal_full_sequence(tiny_model_di
         losses = trainer.forward(chunks, tokens_of, extra_rows=[5, 6, 7, 8, 9] if first else None)
         first = False
         loss_sum += sum(v.loss_sum for v in losses.values())
+    num_layers = trainer.model.config.num_hidden_layers
+    cut_pieces = 0
     for sid, tokens in tokens_of.items():
         end = len(tokens)
-        num_layers = trainer.model.config.num_hidden_layers
         while end > 0:
             start = max(0, end - window)
-            if layers_per_piece is None:
+            if pieces is None:
                 trainer.executor.backward(sid, start, end, trainer.tables[sid])
-            else:
+            elif pieces[0] == "layers":
                 top = None
                 while top != 0:
-                    bottom = max(0, (num_layers if top is None else top) - layers_per_piece)
+                    bottom = max(0, (num_layers if top is None else top) - pieces[1])
                     trainer.executor.backward(sid, start, end, trainer.tables[sid], bottom, top)
                     top = bottom
+            else:
+                top, cut = num_layers, None
+                while top or cut is not None:
+                    piece = next_piece(start, end, num_layers, top, cut, pieces[1])
+                    trainer.executor.backward(sid, start, end, trainer.tables[sid], piece.layer_start,
+                                              piece.layer_end, piece.resume_cut, piece.stop_cut)
+                    cut_pieces += piece.resume_cut is not None or piece.stop_cut is not None
+                    top, cut = piece.layer_start, piece.stop_cut
             end = start
+    return loss_sum, trainer.grads(), cut_pieces
+
+
+@pytest.mark.parametrize("chunk,window,pieces", [(5, 3, None), (7, 13, None), (64, 64, None),
+                                                 (7, 13, ("layers", 1)), (5, 9, ("layers", 2)),
+                                                 (7, 13, ("tokens", 5)), (5, 9, ("tokens", 11)),
+                                                 (64, 64, ("tokens", 40))])
+def test_chunked_forward_and_windowed_backward_equal_full_sequence(tiny_model_dir, tmp_path, chunk, window,
+                                                                    pieces):
+    adapter_dir = make_peft_adapter_dir(tiny_model_dir, tmp_path / "adapter", seed=1, r=4, lora_alpha=8,
+                                        target_modules="all-linear")
+    sequences = _make_sequences(AutoConfig.from_pretrained(tiny_model_dir).vocab_size, [23, 17], seed=2)
+    num_targets = sum(sum(t != IGNORE for t in targets) for _, targets in sequences)
+    scale = 1.0 / num_targets
+    ref_loss, ref_grads = _peft_reference_grads(tiny_model_dir, adapter_dir, sequences, scale)
+    loss_sum, ours, cut_pieces = _chunked_grads(tiny_model_dir, adapter_dir, sequences, scale, chunk, window,
+                                                pieces)
+    assert pieces is None or pieces[0] == "layers" or cut_pieces, "some piece should have cut a layer"
 
     assert loss_sum == pytest.approx(ref_loss, rel=1e-9)
-    ours = trainer.grads()
     assert set(ours) == set(ref_grads)
     for module, pair in ref_grads.items():
         for which in ("A", "B"):
             # NOTE: transformers keeps fp32 islands even in an fp64 model (rotary tables, SDPA's
-            # scaling), so against it 1e-6 is the honest bound; the op-level test below is 1e-9.
+            # scaling), so against it 1e-6 is the honest bound; the op-level tests are 1e-9.
             torch.testing.assert_close(ours[module][which], pair[which], rtol=1e-6, atol=1e-8,
                                        msg=lambda m, module=module, which=which: f"{module} lora_{which}: {m}")
+
+
+@pytest.mark.parametrize("window,layer_tokens", [(13, 5), (9, 11), (23, 30)])
+def test_token_cut_pieces_equal_whole_windows_fp64(tiny_llama_dir, tmp_path, window, layer_tokens):
+    """Cutting layers by tokens only regroups the same fp64 operations: equal to 1e-9."""
+    adapter_dir = make_peft_adapter_dir(tiny_llama_dir, tmp_path / "adapter", seed=6, r=4, lora_alpha=8,
+                                        target_modules="all-linear")
+    sequences = _make_sequences(AutoConfig.from_pretrained(tiny_llama_dir).vocab_size, [23, 17], seed=7)
+    _, whole, _ = _chunked_grads(tiny_llama_dir, adapter_dir, sequences, 0.05, 7, window, None)
+    _, cut, cut_pieces = _chunked_grads(tiny_llama_dir, adapter_dir, sequences, 0.05, 7, window,
+                                        ("tokens", layer_tokens))
+    assert cut_pieces
+    for module, pair in whole.items():
+        for which in ("A", "B"):
+            torch.testing.assert_close(cut[module][which], pair[which], rtol=1e-9, atol=1e-12)
 
 
 def _full_layer_output(layer, prefix, lora_of, x, cos, sin):
