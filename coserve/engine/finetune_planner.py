@@ -197,8 +197,9 @@ class FinetunePlanner:
     def _plan_window(self, seq: TrainingSequence, cost: CostModel, budget: float, limit: float,
                      min_backward: int, force: bool) -> BackwardWindow | None:
         """The sequence's next backward piece within `budget`: a whole window through every layer
-        when one worth running fits, else the top layers of one (a layer window), continued by
-        later iterations; `force` takes the smallest piece even when nothing fits."""
+        when one worth running fits, else the top layers of one (a layer window; with measured
+        costs also the later tokens of the next layer), continued by later iterations; `force`
+        takes the smallest piece even when nothing fits."""
         blocks = self.block_manager.block_ids(seq.seq_id)
         layers = self.num_layers
         if seq.window_start is not None and cost.unit != "tokens":   # continue a part-done window
