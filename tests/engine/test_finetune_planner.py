@@ -390,16 +390,22 @@ def test_a_job_starved_by_inference_still_finishes_and_overruns_rarely():
     assert all(inference_tokens(outputs[i]) == 4 for i in with_backward)   # inference kept its share
 
 
-def test_windows_too_big_for_an_iteration_run_in_layer_pieces_top_down():
+def run_one_sequence(cost, limit=0.020):
+    """One 40-token training sequence through an 8-layer model alone; returns the outputs and the
+    backward pieces that ran."""
     scheduler = make(budget=64, min_tokens=4, num_blocks=400)
     scheduler.finetune.num_layers = 8
-    # A backward window's fixed cost alone (40 ms) is twice the limit: only layer pieces fit.
-    cost = CostModel(0.001, 0.0001, 0.040, 0.001)
-    scheduler.set_budget(cost, 0.020)
+    scheduler.set_budget(cost, limit)
     seqs = add_job(scheduler, lengths=(40,), in_flight=1)
     outputs = run(scheduler)
     assert {s.seq_id for s in scheduler.finetune.pop_completed()} == {seqs[0].seq_id}
-    pieces = [w for out in outputs for w in out.backward_windows]
+    return outputs, [w for out in outputs for w in out.backward_windows]
+
+
+def test_windows_too_big_for_an_iteration_run_in_layer_pieces_top_down():
+    # A backward window's fixed cost alone (40 ms) is twice the limit: only layer pieces fit.
+    cost = CostModel(0.001, 0.0001, 0.040, 0.001)
+    outputs, pieces = run_one_sequence(cost)
     assert pieces and all(w.fraction < 1 for w in pieces)
     done_tokens, top, window = [], None, None
     for piece in pieces:
@@ -421,16 +427,10 @@ def test_windows_too_big_for_an_iteration_run_in_layer_pieces_top_down():
 
 
 def test_pieces_cut_layers_by_tokens_to_fill_the_budget_and_cover_each_layer_token_once():
-    scheduler = make(budget=64, min_tokens=4, num_blocks=400)
-    scheduler.finetune.num_layers = 8
     # A whole window costs far more than the limit, and a layer of it 8 ms against 19 ms left:
     # two whole layers leave 3 ms, which the later tokens of the next layer fill.
     cost = CostModel(0.001, 0.0001, 0.0, 0.0016)
-    scheduler.set_budget(cost, 0.020)
-    seqs = add_job(scheduler, lengths=(40,), in_flight=1)
-    outputs = run(scheduler)
-    assert {s.seq_id for s in scheduler.finetune.pop_completed()} == {seqs[0].seq_id}
-    pieces = [w for out in outputs for w in out.backward_windows]
+    outputs, pieces = run_one_sequence(cost)
     assert any(p.stop_cut is not None for p in pieces) and any(p.resume_cut is not None for p in pieces)
     done = []
     for piece in pieces:
