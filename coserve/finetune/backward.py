@@ -199,7 +199,9 @@ def sequence_backward_window(model, lora: TrainableLoRA, buffers: SequenceBuffer
         if first:
             buffers.grad_key[index, :first] += grad_key_past
             buffers.grad_value[index, :first] += grad_value_past
-        if grad_x is not None:
+        if grad_x is not None and (first, last) == (start, end):
+            buffers.partial_grad = grad_x        # a whole layer in one step: no copy
+        elif grad_x is not None:
             if buffers.partial_grad is None:
                 buffers.partial_grad = grad_x.new_zeros(end - start, grad_x.shape[1])
             buffers.partial_grad[rows] = grad_x
