@@ -47,6 +47,11 @@ def _window_limit(unit: str, limit: float, num_layers: int) -> float:
     return max(2.0, LAYER_PIECE_SHARE * num_layers) * limit
 
 
+def _price(cost: CostModel, parts) -> float:
+    """Marginal cost of backward work given as (tokens, share of the layers, first position) parts."""
+    return sum(share * cost.backward_cost(n, first) for n, share, first in parts)
+
+
 class _Job:
     def __init__(self, adapter: str, max_in_flight: int) -> None:
         self.adapter = adapter
@@ -202,17 +207,9 @@ class FinetunePlanner:
         takes the smallest piece even when nothing fits."""
         blocks = self.block_manager.block_ids(seq.seq_id)
         layers = self.num_layers
-        if seq.window_start is not None and cost.unit != "tokens":   # continue a part-done window
+        if seq.window_start is not None:          # continue a part-done window from its cursor
             return self._cut_piece(cost, seq, seq.window_start, seq.backward_end, seq.layer_top, seq.token_cut,
                                    budget, force)
-        if seq.window_start is not None:          # continue a part-done window
-            n = seq.backward_end - seq.window_start
-            k = min(seq.layer_top, self._layers_within(cost, n, seq.window_start, budget))
-            if k < 1 and not force:
-                return None
-            k = max(k, 1)
-            return BackwardWindow(seq.seq_id, seq.window_start, seq.backward_end, blocks,
-                                  layer_start=seq.layer_top - k, layer_end=seq.layer_top, fraction=k / layers)
         end = seq.backward_end
         target = _window_size(end, cost.max_backward_tokens(_window_limit(cost.unit, limit, layers), end))
         n = min(target, cost.max_backward_tokens(budget, end))
@@ -224,17 +221,9 @@ class FinetunePlanner:
             return BackwardWindow(seq.seq_id, end - n, end, blocks)
         # The window does not fit: run its top layers now and the rest in later iterations.
         size = min(end, max(target, 4 * self.config.min_finetune_tokens))
-        k = self._layers_within(cost, size, end - size, budget)
-        if k >= layers:
-            return BackwardWindow(seq.seq_id, end - size, end, blocks)
-        if cost.unit != "tokens":
-            # Measured costs: whole layers and the later tokens of the next one fill the budget.
-            piece = self._cut_piece(cost, seq, end - size, end, layers, None, budget, force=False)
-            if piece is not None:
-                return piece
-        elif k >= 1:
-            return BackwardWindow(seq.seq_id, end - size, end, blocks,
-                                  layer_start=layers - k, layer_end=None, fraction=k / layers)
+        piece = self._cut_piece(cost, seq, end - size, end, layers, None, budget, force=False)
+        if piece is not None:
+            return piece
         # Not even one layer of it fits: a smaller whole window, if a worthwhile one does.
         if n > 0 and n >= min(min_backward, target):
             return BackwardWindow(seq.seq_id, end - n, end, blocks)
@@ -250,50 +239,48 @@ class FinetunePlanner:
     def _cut_piece(self, cost: CostModel, seq: TrainingSequence, start: int, end: int, layer_top: int,
                    token_cut: int | None, budget: float, force: bool) -> BackwardWindow | None:
         """The biggest piece of window [start, end) from its cursor that `budget` pays for: the rest of
-        the current layer, whole layers, then the later tokens of the next layer (a layer is cut by
-        tokens only in parts of at least `min_finetune_tokens` and an eighth of the window, as each
-        part pays a layer's fixed cost). `force`: the rest of the current layer even over budget."""
+        the current layer, whole layers, then (with measured costs) the later tokens of the next
+        layer. A layer is cut only in parts of at least `min_finetune_tokens` and an eighth of the
+        window, as each part pays a layer's fixed cost; token units price no such cost, and there
+        pieces keep to whole layers. `force`: the rest of the current layer even over budget."""
         layers, width = self.num_layers, end - start
-        min_cut = max(self.config.min_finetune_tokens, width // 8)
+        min_cut = width if cost.unit == "tokens" else max(self.config.min_finetune_tokens, width // 8)
         per_layer_token = cost.backward_cost(width, start) / (layers * width)
         most = layers * width if per_layer_token <= 0 else min(layers * width, int(budget / per_layer_token))
-        # Each cut part also pays a layer's fixed cost, which the per-token estimate leaves out:
-        # bisect the layer work for the biggest piece whose priced cost fits.
+        # The per-token estimate leaves each cut part's fixed cost out: bisect the layer work for the
+        # biggest piece whose priced cost fits.
         best, low, high = None, 1, most
         while low <= high:
             mid = (low + high) // 2
             cut = next_piece(start, end, layers, layer_top, token_cut, mid, min_cut)
-            if cut is not None and self.piece_cost(cost, piece := self._piece(seq, start, end, cut)) > budget:
+            if cut is not None and _price(cost, self._parts(start, end, cut)) > budget:
                 high = mid - 1
                 continue
-            if cut is not None:
-                best = piece
+            best = cut or best
             low = mid + 1
-        if best is not None or not force:
-            return best
-        left_in_layer = (end if token_cut is None else token_cut) - start
-        return self._piece(seq, start, end, next_piece(start, end, layers, layer_top, token_cut, left_in_layer))
+        if best is None and force:
+            left_in_layer = (end if token_cut is None else token_cut) - start
+            best = next_piece(start, end, layers, layer_top, token_cut, left_in_layer)
+        if best is None:
+            return None
+        return BackwardWindow(seq.seq_id, start, end, self.block_manager.block_ids(seq.seq_id),
+                              layer_start=best.layer_start, layer_end=best.layer_end,
+                              fraction=best.layer_tokens / (layers * width), resume_cut=best.resume_cut,
+                              stop_cut=best.stop_cut, cost_parts=self._parts(start, end, best))
 
-    def _piece(self, seq: TrainingSequence, start: int, end: int, cut: PieceCut) -> BackwardWindow:
-        """The BackwardWindow of a cut, priced as its whole layers plus each token-cut layer part."""
+    def _parts(self, start: int, end: int, cut: PieceCut) -> tuple[tuple[int, float, int], ...]:
+        """A piece as the cost model prices it: its whole layers as one part, each token-cut layer apart."""
         layers, width = self.num_layers, end - start
         steps = piece_steps(layers, start, end, cut.layer_start, cut.layer_end, cut.resume_cut, cut.stop_cut)
         whole = sum(1 for _, first, last in steps if (first, last) == (start, end))
         parts = [(width, whole / layers, start)] if whole else []
         parts += [(last - first, 1 / layers, first) for _, first, last in steps if (first, last) != (start, end)]
-        return BackwardWindow(seq.seq_id, start, end, self.block_manager.block_ids(seq.seq_id),
-                              layer_start=cut.layer_start, layer_end=cut.layer_end,
-                              fraction=cut.layer_tokens / (layers * width), resume_cut=cut.resume_cut,
-                              stop_cut=cut.stop_cut, cost_parts=tuple(parts))
+        return tuple(parts)
 
     @staticmethod
     def piece_cost(cost: CostModel, window: BackwardWindow) -> float:
         """What a backward piece adds to an iteration (the iteration's fixed cost apart)."""
-        return sum(share * cost.backward_cost(n, first) for n, share, first in window.parts)
-
-    def _layers_within(self, cost: CostModel, num_tokens: int, start: int, budget: float) -> int:
-        per_layer = cost.backward_cost(num_tokens, start) / self.num_layers
-        return int(budget / per_layer) if per_layer > 0 else self.num_layers
+        return _price(cost, window.parts)
 
     def _next_forward(self, job: _Job, planned: set[str]) -> TrainingSequence | None:
         """The next sequence needing forward work this iteration (one chunk per sequence)."""

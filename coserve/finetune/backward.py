@@ -176,10 +176,6 @@ def sequence_backward_window(model, lora: TrainableLoRA, buffers: SequenceBuffer
     if layer_end is None and resume_cut is None:
         buffers.start_backward(first_window_start=start)
         buffers.pending_grad = buffers.partial_grad = None
-    elif buffers.pending_grad is None or buffers.pending_grad.shape[0] != end - start:
-        if not (layer_end in (None, len(layers)) and resume_cut is not None):   # the top layer needs none
-            raise RuntimeError(f"piece [{layer_start}, {layer_end}) of tokens [{start}, {end}) has no "
-                               "gradient from the piece above it")
     dtype = buffers.layer_inputs.dtype
     cos_all, sin_all = model.rotary(torch.arange(start, end, device=slots.device), dtype)
     for index, first, last in steps:
@@ -188,7 +184,12 @@ def sequence_backward_window(model, lora: TrainableLoRA, buffers: SequenceBuffer
         keys, values = cache.key.view(-1, kv_heads, head_dim), cache.value.view(-1, kv_heads, head_dim)
         past_slots, step_slots = slots[:first], slots[first:last]
         rows = slice(first - start, last - start)
-        grad_out = buffers.grad_final[first:last] if index == len(layers) - 1 else buffers.pending_grad[rows]
+        if index == len(layers) - 1:
+            grad_out = buffers.grad_final[first:last]
+        elif buffers.pending_grad is None or buffers.pending_grad.shape[0] != end - start:
+            raise RuntimeError(f"layer {index} of tokens [{start}, {end}) has no gradient from the layer above it")
+        else:
+            grad_out = buffers.pending_grad[rows]
         if first:
             buffers.cover_kv_grads(first)
         grad_x, grad_key_past, grad_value_past = layer_backward(
