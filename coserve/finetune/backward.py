@@ -27,6 +27,7 @@ from coserve.engine.training_sequence import piece_steps
 from coserve.finetune.buffers import SequenceBuffers
 from coserve.finetune.trainable import LoRAWeights, TrainableLoRA
 from coserve.models.attention import LayerKVCache
+from coserve.models.frozen_linear import input_grad, linear
 from coserve.models.layers import apply_rotary
 
 LoRALookup = Callable[[str], LoRAWeights | None]
@@ -39,7 +40,7 @@ def _base(module) -> torch.nn.Linear:
 def _linear(module, x: torch.Tensor, lora: LoRAWeights | None) -> torch.Tensor:
     # NOTE: the LoRA scaling multiplies the rank-r intermediate, not the [w, out] result (and its gradient).
     base = _base(module)
-    y = F.linear(x, base.weight, base.bias)
+    y = linear(x, base.weight, base.bias)
     if lora is not None:
         lora_a, lora_b, scaling = lora
         y = y + F.linear(scaling * F.linear(x, lora_a.to(x.dtype)), lora_b.to(x.dtype))
@@ -61,7 +62,7 @@ class _GradOnlyLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (weight,) = ctx.saved_tensors
-        return grad @ weight, None
+        return input_grad(grad, weight), None
 
 
 def _cached_linear(module, x: torch.Tensor, lora: LoRAWeights | None) -> torch.Tensor:
@@ -137,7 +138,7 @@ def layer_backward(layer, prefix: str, lora_of: LoRALookup, x: torch.Tensor, gra
         act = F.silu(gate) * up                                   # [w, intermediate]
         grad_out = grad_out.to(dtype)
         # down_proj: the frozen part's input gradient is one GEMM; its output is never needed.
-        roots, grads = [act, hidden, k, v], [grad_out @ _base(mlp.down_proj).weight, grad_out,
+        roots, grads = [act, hidden, k, v], [input_grad(grad_out, _base(mlp.down_proj).weight), grad_out,
                                              grad_key.to(dtype), grad_value.to(dtype)]
         down_lora = lora_of(f"{prefix}.mlp.down_proj")
         if down_lora is not None:

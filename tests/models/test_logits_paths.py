@@ -1,6 +1,7 @@
 """The vocabulary projection and its input gradient give the same result on every CPU path.
 
-Paths: the GEMM (`lm_head`), W @ h^T for a few rows, and the CPU kernel for up to
+Paths: the packed oneDNN head (and its packed transpose), and without it the GEMM
+(`lm_head`), W @ h^T for a few rows, and the CPU kernel for up to
 _KERNEL_LOGITS_MAX_ROWS rows (its gradient from the transposed copy of the head).
 """
 import pytest
@@ -32,7 +33,7 @@ def _with_kernel(model, use: bool):
 
 @pytest.mark.parametrize("use_kernel", [False, True])
 @pytest.mark.parametrize("rows", ROW_COUNTS)
-def test_logits_and_their_input_gradient_match_the_plain_ops(model, use_kernel, rows):
+def test_logits_and_their_input_gradient_match_the_plain_ops(model, linear_packing, use_kernel, rows):
     _with_kernel(model, use_kernel)
     try:
         gen = torch.Generator().manual_seed(rows)

@@ -1,4 +1,4 @@
-"""Our Llama-family forward equals Hugging Face transformers' (fp32, 1e-4).
+"""Our Llama-family forward equals Hugging Face transformers' (fp32, 1e-4; 4e-4 for 30 real layers).
 
 Covers one-shot prefill, chunked prefill over cached context, single-token
 decodes, and a flat batch mixing all three, on tiny Llama / Mistral / Qwen2,
@@ -27,7 +27,7 @@ def _hf_logits(model, ids: list[int]) -> torch.Tensor:
     return model(torch.tensor([ids])).logits[0].float()
 
 
-def _check_all_paths(ours, theirs, vocab, lengths=(23, 9, 14), seed=0, contiguous=False):
+def _check_all_paths(ours, theirs, vocab, lengths=(23, 9, 14), seed=0, contiguous=False, atol=ATOL):
     gen = torch.Generator().manual_seed(seed)
     seqs = [torch.randint(3, vocab, (n + 4,), generator=gen).tolist() for n in lengths]
     expected = [_hf_logits(theirs, s) for s in seqs]
@@ -36,19 +36,19 @@ def _check_all_paths(ours, theirs, vocab, lengths=(23, 9, 14), seed=0, contiguou
     split = {0: lengths[0], 1: 5, 2: 7}
     got = runner.step({i: seqs[i][:split[i]] for i in range(3)})
     for i in range(3):
-        torch.testing.assert_close(got[i].cpu(), expected[i][:split[i]], atol=ATOL, rtol=0)
+        torch.testing.assert_close(got[i].cpu(), expected[i][:split[i]], atol=atol, rtol=0)
     # Iteration 2: seq 0 decodes, seq 1 and 2 continue over their cached context.
     chunk = {0: seqs[0][split[0]:split[0] + 1], 1: seqs[1][5:lengths[1]], 2: seqs[2][7:lengths[2]]}
     got = runner.step(chunk)
-    torch.testing.assert_close(got[0].cpu(), expected[0][split[0]:split[0] + 1], atol=ATOL, rtol=0)
-    torch.testing.assert_close(got[1].cpu(), expected[1][5:lengths[1]], atol=ATOL, rtol=0)
-    torch.testing.assert_close(got[2].cpu(), expected[2][7:lengths[2]], atol=ATOL, rtol=0)
+    torch.testing.assert_close(got[0].cpu(), expected[0][split[0]:split[0] + 1], atol=atol, rtol=0)
+    torch.testing.assert_close(got[1].cpu(), expected[1][5:lengths[1]], atol=atol, rtol=0)
+    torch.testing.assert_close(got[2].cpu(), expected[2][7:lengths[2]], atol=atol, rtol=0)
     # Iterations 3+: all decode together.
     pos = [split[0] + 1, lengths[1], lengths[2]]
     for _ in range(3):
         got = runner.step({i: [seqs[i][pos[i]]] for i in range(3)})
         for i in range(3):
-            torch.testing.assert_close(got[i].cpu(), expected[i][pos[i]:pos[i] + 1], atol=ATOL, rtol=0)
+            torch.testing.assert_close(got[i].cpu(), expected[i][pos[i]:pos[i] + 1], atol=atol, rtol=0)
             pos[i] += 1
 
 
@@ -74,7 +74,10 @@ def test_mistral_sliding_window_matches_transformers(tmp_path, device):
 
 def test_smollm2_real_weights_match_transformers(smollm2_checkpoint):
     ours, theirs = _load_pair(smollm2_checkpoint.model_dir)
-    _check_all_paths(ours, theirs, ours.config.vocab_size, lengths=(12, 6, 9))
+    # NOTE: 30 layers of fp32 GEMMs: transformers' own fp32 logits are 5e-5 from an fp64 forward, ours
+    # (packed oneDNN GEMMs, another summation order) 9e-5, and the two up to 2e-4 apart, on logits of
+    # magnitude 34 (6e-6 of it).
+    _check_all_paths(ours, theirs, ours.config.vocab_size, lengths=(12, 6, 9), atol=4e-4)
 
 
 def test_sharded_checkpoint_loads_same_weights(tiny_llama_dir, tiny_llama_sharded_dir):
