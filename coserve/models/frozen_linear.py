@@ -59,7 +59,10 @@ def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def _key(weight: torch.Tensor) -> tuple:
-    return (weight.data_ptr(), weight._version, tuple(weight.shape), tuple(weight.stride()))
+    # NOTE: a weight made under inference_mode has no version counter (and cannot change in place
+    # outside it); its storage and shape still tell a replaced weight apart.
+    version = None if weight.is_inference() else weight._version
+    return (weight.data_ptr(), version, tuple(weight.shape), tuple(weight.stride()))
 
 
 def _packed_weight(weight: torch.Tensor, transposed: bool) -> torch.Tensor:

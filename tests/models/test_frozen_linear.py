@@ -53,6 +53,13 @@ def test_a_weight_changed_in_place_is_packed_again():
     torch.testing.assert_close(input_grad(torch.ones(3, 48), weight), torch.ones(3, 48) @ weight)
 
 
+def test_a_weight_made_under_inference_mode_packs():
+    with torch.inference_mode():
+        weight, _ = _weights()
+    x = torch.randn(3, 40)
+    torch.testing.assert_close(linear(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
 def test_packed_copies_leave_with_their_weight():
     weight, _ = _weights()
     linear(torch.randn(2, 40), weight)
