@@ -88,7 +88,7 @@ class Setting:
 FULL = Setting(trace_s=45.0, burst_requests=48,
                temporal_turns=((4, 1), (64, 1), (256, 1), (4, 4), (4, 16), (16, 16), (4, 64)),
                spatial_splits=((1, 1), (2, 1), (1, 2), (2, 2)))
-QUICK = Setting(trace_s=8.0, burst_requests=16, temporal_turns=((4, 1), (64, 1), (4, 16)),
+QUICK = Setting(trace_s=6.0, burst_requests=16, temporal_turns=((4, 1), (64, 1), (4, 16)),
                 spatial_splits=((1, 1), (2, 1), (1, 2)))
 
 
