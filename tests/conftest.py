@@ -111,12 +111,11 @@ def device():
 @pytest.fixture(params=["packed", "unpacked"])
 def linear_packing(request, monkeypatch):
     """Runs a test with frozen fp32 CPU linears on packed oneDNN weights, and again on plain torch ops."""
-    from coserve.models import frozen_linear, llama
+    from coserve.models import frozen_linear
 
     if request.param == "packed":
         available, why_not = frozen_linear.onednn_available()
         assert available, why_not
     else:
-        monkeypatch.setattr(llama, "onednn_available", lambda: (False, "test"))
         monkeypatch.setattr(frozen_linear, "onednn_available", lambda: (False, "test"))
     return request.param

@@ -52,7 +52,8 @@ def onednn_available() -> tuple[bool, str]:
     return (True, "") if ok else (False, "oneDNN linear disagreed with torch.mm")
 
 
-def _applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def packs(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear(x, weight)` and `input_grad(x, weight)` run on a packed copy of `weight`."""
     return (weight.device.type == "cpu" and weight.dtype == torch.float32 and x.dtype == torch.float32
             and x.device.type == "cpu" and weight.dim() == 2 and x.dim() >= 1
             and not (weight.requires_grad and torch.is_grad_enabled()) and onednn_available()[0])
@@ -82,9 +83,7 @@ def _packed_weight(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
 
 
 def _run(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
-    rows = x.reshape(-1, x.shape[-1])
-    if not rows.is_contiguous():
-        rows = rows.contiguous()
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
     y = torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
     return y.view(*x.shape[:-1], out_features)
 
@@ -104,7 +103,7 @@ class _PackedLinearFunction(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for a frozen weight; differentiable in x."""
-    if not _applies(x, weight) or (bias is not None and bias.requires_grad and torch.is_grad_enabled()):
+    if not packs(x, weight) or (bias is not None and bias.requires_grad and torch.is_grad_enabled()):
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and x.requires_grad:
         return _PackedLinearFunction.apply(x, weight, bias)
@@ -113,7 +112,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def input_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """grad [..., out] @ weight [out, in]: the input gradient of a frozen linear."""
-    if not _applies(grad, weight) or (torch.is_grad_enabled() and grad.requires_grad):
+    if not packs(grad, weight) or (torch.is_grad_enabled() and grad.requires_grad):
         return grad @ weight
     return _run(grad, _packed_weight(weight, True), None, weight.shape[1])
 

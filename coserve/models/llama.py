@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coserve.models.attention import AttentionMetadata, LayerKVCache, paged_attention
-from coserve.models.frozen_linear import FrozenLinear, input_grad, linear, onednn_available
+from coserve.models.frozen_linear import FrozenLinear, input_grad, packs
 from coserve.models.layers import RMSNorm, RotaryEmbedding, apply_rotary
 from peft_methods.lora.cpu_kernel import few_rows_linear, kernel_applies
 
@@ -164,10 +164,10 @@ class CausalLM(nn.Module):
         """
         weight = self.lm_head.weight
         rows = hidden.shape[0] if hidden.dim() == 2 else 0
-        if self._packed_head(hidden):
+        if packs(hidden, weight):
             # NOTE: the packed head beats every path below at any row count (bench-small: 2.8 ms
             # for 1 row, 5.6 for 32, 40 for 256); large results come from the heap (see loss.py).
-            return linear(hidden, weight)
+            return self.lm_head(hidden)
         if (0 < rows <= _KERNEL_LOGITS_MAX_ROWS and self.lm_head.bias is None and weight.is_contiguous()
                 and self._kernel_takes(hidden)):
             # NOTE: bench-small's 32000 x 512 head: 4.7 against 10.5 ms for 8 rows, 9.3 against 15.3
@@ -190,11 +190,6 @@ class CausalLM(nn.Module):
             return torch.mm(hidden, weight.T, out=out)
         return self.lm_head(hidden)
 
-    def _packed_head(self, rows: torch.Tensor) -> bool:
-        weight = self.lm_head.weight
-        return (self.lm_head.bias is None and rows.dtype == weight.dtype == torch.float32
-                and rows.device.type == weight.device.type == "cpu" and onednn_available()[0])
-
     def _kernel_takes(self, rows: torch.Tensor) -> bool:
         return self.cpu_kernel is not None and rows.dim() == 2 and kernel_applies(rows, rows)
 
@@ -202,7 +197,7 @@ class CausalLM(nn.Module):
         """Gradient at compute_logits' input: grad_logits [n, vocab] @ W [vocab, hidden] -> [n, hidden]."""
         weight = self.lm_head.weight
         grad_logits = grad_logits.to(weight.dtype)
-        if self._packed_head(grad_logits):
+        if packs(grad_logits, weight):
             return input_grad(grad_logits, weight)   # the packed transposed head, built on first use
         if weight.device.type != "cpu":
             return grad_logits @ weight
