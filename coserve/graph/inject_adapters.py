@@ -16,7 +16,7 @@ from torch import nn
 
 from peft_methods.lora.config import ALL_LINEAR, is_output_head
 from peft_methods.lora.layer import LoRAContext, MultiLoRALinear
-from peft_methods.lora.shared_shrink import SharedShrink
+from peft_methods.lora.group import LoRAGroup
 
 
 @dataclass
@@ -47,7 +47,8 @@ def inject_adapters(
         max_loras: device adapter slots in each wrapped layer.
         context: the LoRAContext shared by every wrapped layer.
         shared_input_groups: child names of one parent that read the same input (e.g.
-            ("q_proj", "k_proj", "v_proj")); wrapped siblings of a group share one shrink GEMM.
+            ("q_proj", "k_proj", "v_proj")); wrapped siblings of a group share one LoRAGroup,
+            whose shrink reads their input once.
 
     Raises:
         ValueError: a target that matches no module, matches a module that is
@@ -85,7 +86,7 @@ def _share_shrinks(model: nn.Module, wrapped: list[str], groups: list[tuple[str,
             members = [child for child in group if child in children]
             if len(members) >= 2:
                 names = [f"{parent}.{child}" if parent else child for child in members]
-                SharedShrink([model.get_submodule(n) for n in names])
+                LoRAGroup([model.get_submodule(n) for n in names])
                 shared.append(names)
     return shared
 

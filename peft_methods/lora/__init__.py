@@ -3,8 +3,8 @@
 config.py  LoRAAdapterConfig from adapter_config.json (ranks, alphas, targets)
 weights.py LoRAAdapter, load_adapter / save_adapter in PEFT format
 ops.py     lora_apply_ref (gather + einsum) and lora_apply_grouped (segment GEMMs)
-cpu_kernel.py  lora_apply_cpu: the AVX-512 kernel in csrc/ for decode-sized segments
-shared_shrink.py  one shrink per segment for linears reading the same input
+cpu_kernel.py  the AVX-512 kernel in csrc/ for decode-sized segments, and its plan
+group.py   LoRAGroup: sibling layers reading one input, one shrink per segment
 layer.py   MultiLoRALinear with per-slot adapters, LoRAContext, LoRABatch
 """
 from peft_methods.lora.config import ALL_LINEAR, LoRAAdapterConfig, get_pattern_key

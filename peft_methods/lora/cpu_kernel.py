@@ -8,11 +8,12 @@ torch's extension cache, so later processes load it in well under a second.
 `load_cpu_kernel()` returns None, with the reason, where it cannot run: no
 AVX-512, no compiler, a failed build, or COSERVE_LORA_CPU_KERNEL=0.
 
-`lora_apply_cpu` has the semantics of `ops.lora_apply_grouped`; segments of
-more than `KERNEL_MAX_ROWS` rows (prefill chunks) still go to the GEMM
-library, which is faster there. `few_rows_linear` is the same shrink as a
-plain x @ W^T: the model uses it for the vocabulary projection of a few rows
-and for that projection's input gradient in finetuning.
+The kernel's `LoRAGroup` (used by `group.LoRAGroup`) has the semantics of
+`ops.lora_apply_grouped` for the segments of a `KernelPlan`; segments of more
+than `KERNEL_MAX_ROWS` rows (prefill chunks) still go to the GEMM library,
+which is faster there. `few_rows_linear` is the kernel's shrink as a plain
+x @ W^T: the model uses it for the vocabulary projection of a few rows and for
+that projection's input gradient in finetuning.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-from peft_methods.lora.ops import Segment, lora_apply_grouped
+from peft_methods.lora.ops import Segment
 
 
 KERNEL_MAX_ROWS = 128
@@ -85,44 +86,18 @@ def few_rows_linear(kernel: ModuleType, x: torch.Tensor, weight: torch.Tensor) -
     return kernel.lora_shrink(x, [0], [x.shape[0]], [weight])[0]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class KernelPlan:
     """A batch's segments split between the kernel and the GEMM, made once per batch (every layer reads it)."""
 
-    slots: list[int]
-    starts: list[int]
-    ends: list[int]
+    table: torch.Tensor
+    """Segments of up to KERNEL_MAX_ROWS rows, as the int64 [S, 3] (slot, start, end) table the kernel reads."""
+    num_kernel_segments: int
     large: list[Segment]
     """Segments of more than KERNEL_MAX_ROWS rows: left to the GEMM library."""
 
     @classmethod
     def of(cls, segments: Sequence[Segment]) -> "KernelPlan":
         small = [seg for seg in segments if seg[2] - seg[1] <= KERNEL_MAX_ROWS]
-        return cls([seg[0] for seg in small], [seg[1] for seg in small], [seg[2] for seg in small],
+        return cls(torch.tensor(small, dtype=torch.long).reshape(len(small), 3), len(small),
                    [seg for seg in segments if seg[2] - seg[1] > KERNEL_MAX_ROWS])
-
-    def present(self, weights: Sequence[torch.Tensor | None]) -> tuple[list[int], list[int], list[int]]:
-        """(slots, starts, ends) of the kernel's segments whose slot holds weights here."""
-        if all(weights[slot] is not None for slot in self.slots):
-            return self.slots, self.starts, self.ends
-        keep = [i for i, slot in enumerate(self.slots) if weights[slot] is not None]
-        return ([self.slots[i] for i in keep], [self.starts[i] for i in keep], [self.ends[i] for i in keep])
-
-
-def lora_apply_cpu(
-    kernel: ModuleType,
-    y: torch.Tensor,
-    x: torch.Tensor,
-    plan: KernelPlan,
-    lora_a: Sequence[torch.Tensor | None],
-    lora_b: Sequence[torch.Tensor | None],
-    lora_b_t: Sequence[torch.Tensor | None],
-    scalings: Sequence[float],
-) -> torch.Tensor:
-    """Same result as `lora_apply_grouped` over the plan's segments; lora_b_t[s] is lora_b[s].T, contiguous."""
-    slots, starts, ends = plan.present(lora_a)
-    if slots:
-        h = kernel.lora_shrink(x, starts, ends, [lora_a[slot] for slot in slots])
-        kernel.lora_expand(y, starts, ends, h, [0] * len(slots), [lora_b_t[slot] for slot in slots],
-                           [float(scalings[slot]) for slot in slots])
-    return lora_apply_grouped(y, x, plan.large, lora_a, lora_b, scalings)

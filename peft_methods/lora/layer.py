@@ -4,7 +4,9 @@
 `max_loras` device slots, each holding one adapter's A, B and scaling at its own
 rank. Which slot each token uses comes from the `LoRABatch` set on the shared
 `LoRAContext` for the duration of one forward (`with context.use(batch):`);
-with no batch set the layer is the plain base linear.
+with no batch set the layer is the plain base linear. The deltas are applied
+by the layer's `LoRAGroup` (its own, or one shared with siblings reading the
+same input), or by the reference op where the context forces it.
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from peft_methods.lora.cpu_kernel import KernelPlan, kernel_applies, load_cpu_kernel, lora_apply_cpu
-from peft_methods.lora.ops import Segment, lora_apply_grouped, lora_apply_ref, segments_from_slots
+from peft_methods.lora.cpu_kernel import KernelPlan, kernel_applies, load_cpu_kernel
+from peft_methods.lora.group import LoRAGroup
+from peft_methods.lora.ops import Segment, lora_apply_ref, segments_from_slots
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +68,11 @@ class LoRABatch:
 class LoRAContext:
     """Shared by all MultiLoRALinear layers of one model: the current batch.
 
-    The op path is chosen once here: the grouped GEMM path by default; the
-    `*_ref` reference when `use_ref=True` (tests force it); with
-    `use_cpu_kernel=True` (CPU engines) the AVX-512 kernel for segments of up to
-    `KERNEL_MAX_ROWS` rows where it loads, the grouped path otherwise. Calls
-    the kernel cannot take (not fp32, autograd) go to the grouped path.
+    The op path is chosen once here: segment GEMMs by default; the `*_ref`
+    reference when `use_ref=True` (tests force it); with `use_cpu_kernel=True`
+    (CPU engines) the AVX-512 kernel for segments of up to `KERNEL_MAX_ROWS`
+    rows where it loads, GEMMs for the rest. Calls the kernel cannot take (not
+    fp32, autograd) take the GEMMs.
     """
 
     def __init__(self, use_ref: bool = False, use_cpu_kernel: bool = False) -> None:
@@ -80,10 +83,10 @@ class LoRAContext:
             path = "lora_apply_ref (forced)"
         elif use_cpu_kernel:
             self.cpu_kernel, why_not = load_cpu_kernel()
-            path = ("lora_apply_cpu (AVX-512 kernel for decode-sized segments, GEMMs for the rest)"
-                    if self.cpu_kernel is not None else f"lora_apply_grouped (no CPU kernel: {why_not})")
+            path = ("AVX-512 kernel for decode-sized segments, segment GEMMs for the rest"
+                    if self.cpu_kernel is not None else f"segment GEMMs (no CPU kernel: {why_not})")
         else:
-            path = "lora_apply_grouped (segment GEMMs, no rank padding)"
+            path = "segment GEMMs, no rank padding"
         self.path = path
         logger.info("LoRA op path: %s", path)
 
@@ -101,24 +104,10 @@ class LoRAContext:
         finally:
             self.batch = previous
 
-    def apply(
-        self,
-        y: torch.Tensor,
-        x: torch.Tensor,
-        lora_a: Sequence[torch.Tensor | None],
-        lora_b: Sequence[torch.Tensor | None],
-        lora_b_t: Sequence[torch.Tensor | None],
-        scalings: Sequence[float],
-    ) -> torch.Tensor:
-        """Add the current batch's LoRA deltas to y [T, out] in place (x is [T, in]; lora_b_t[s] = lora_b[s].T)."""
-        batch = self.batch
-        if batch.num_tokens != x.shape[0]:
-            raise ValueError(f"LoRABatch covers {batch.num_tokens} tokens but the layer got {x.shape[0]} rows")
-        if self._use_ref:
-            return lora_apply_ref(y, x, batch.token_slots, lora_a, lora_b, scalings)
-        if self.kernel_for(y, x) is not None:
-            return lora_apply_cpu(self.cpu_kernel, y, x, batch.kernel_plan, lora_a, lora_b, lora_b_t, scalings)
-        return lora_apply_grouped(y, x, batch.segments, lora_a, lora_b, scalings)
+    def apply_ref(self, y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor | None],
+                  lora_b: Sequence[torch.Tensor | None], scalings: Sequence[float]) -> torch.Tensor:
+        """Add the current batch's LoRA deltas to y [T, out] in place through the reference op."""
+        return lora_apply_ref(y, x, self.batch.token_slots, lora_a, lora_b, scalings)
 
     def kernel_for(self, y: torch.Tensor, x: torch.Tensor):
         """The CPU kernel module if this call may use it, else None."""
@@ -143,8 +132,9 @@ class MultiLoRALinear(nn.Module):
         self.lora_b: list[torch.Tensor | None] = [None] * max_loras  # [out, r_s], a view of lora_b_t's
         self.lora_b_t: list[torch.Tensor | None] = [None] * max_loras  # [r_s, out] contiguous
         self.scalings: list[float] = [0.0] * max_loras
-        self.shared_shrink = None    # SharedShrink with sibling layers reading the same input, if any
-        self.shared_index = -1
+        self.group: LoRAGroup | None = None   # set by LoRAGroup below: this layer's, or one shared with siblings
+        self.group_index = -1
+        LoRAGroup([self])
 
     @property
     def in_features(self) -> int:
@@ -182,8 +172,7 @@ class MultiLoRALinear(nn.Module):
             self.lora_b_t[slot] = lora_b_t
             self.lora_b[slot] = lora_b_t.T
         self.scalings[slot] = float(scaling)
-        if self.shared_shrink is not None:
-            self.shared_shrink.rebuild(slot)
+        self.group.rebuild(slot)
 
     def clear_slot(self, slot: int) -> None:
         self._check_slot(slot)
@@ -191,11 +180,10 @@ class MultiLoRALinear(nn.Module):
         self.lora_b[slot] = None
         self.lora_b_t[slot] = None
         self.scalings[slot] = 0.0
-        if self.shared_shrink is not None:
-            self.shared_shrink.rebuild(slot)
+        self.group.rebuild(slot)
 
-    def attach_shared_shrink(self, shared, index: int) -> None:
-        self.shared_shrink, self.shared_index = shared, index
+    def attach_group(self, group: LoRAGroup, index: int) -> None:
+        self.group, self.group_index = group, index
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.max_loras:
@@ -208,13 +196,13 @@ class MultiLoRALinear(nn.Module):
         out = out.contiguous()
         # NOTE: views, so the in-place LoRA update lands in `out`; rows are tokens.
         y, rows = out.view(-1, self.out_features), x.reshape(-1, self.in_features)
-        if self.shared_shrink is not None and not self.context.use_ref:
-            if self.context.batch.num_tokens != rows.shape[0]:
-                raise ValueError(f"LoRABatch covers {self.context.batch.num_tokens} tokens but the layer "
-                                 f"got {rows.shape[0]} rows")
-            self.shared_shrink.apply(self, x, rows, y, self.context.batch)
+        batch = self.context.batch
+        if batch.num_tokens != rows.shape[0]:
+            raise ValueError(f"LoRABatch covers {batch.num_tokens} tokens but the layer got {rows.shape[0]} rows")
+        if self.context.use_ref:
+            self.context.apply_ref(y, rows, self.lora_a, self.lora_b, self.scalings)
         else:
-            self.context.apply(y, rows, self.lora_a, self.lora_b, self.lora_b_t, self.scalings)
+            self.group.apply(self, x, rows, y, batch)
         return out
 
     def extra_repr(self) -> str:

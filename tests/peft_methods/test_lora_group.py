@@ -1,9 +1,10 @@
-"""SharedShrink gives the same outputs as each LoRA layer shrinking alone."""
+"""A LoRAGroup of siblings gives the same outputs as each LoRA layer in a group of its own."""
+import pytest
 import torch
 from torch import nn
 
 from peft_methods.lora.layer import LoRABatch, LoRAContext, MultiLoRALinear
-from peft_methods.lora.shared_shrink import SharedShrink
+from peft_methods.lora.group import LoRAGroup
 
 
 def _layers(context, seed=0):
@@ -23,10 +24,10 @@ def _load(layers, seed=1):
                 layer.set_slot(slot, a, b, scaling=0.5 + slot)
 
 
-def test_shared_shrink_equals_separate_shrinks():
+def test_shared_group_equals_separate_groups():
     plain_ctx, shared_ctx = LoRAContext(), LoRAContext()
     plain, shared = _layers(plain_ctx), _layers(shared_ctx)
-    SharedShrink(shared)
+    LoRAGroup(shared)
     _load(plain)
     _load(shared)
     x = torch.randn(11, 16, dtype=torch.double)
@@ -42,14 +43,37 @@ def test_shared_shrink_equals_separate_shrinks():
         x = x + 1.0
 
 
-def test_clearing_a_slot_rebuilds_the_concatenation():
+def test_clearing_a_slot_rebuilds_the_stack():
     context = LoRAContext()
     layers = _layers(context)
-    shared = SharedShrink(layers)
+    shared = LoRAGroup(layers)
     _load(layers)
-    assert shared.a_cat[0].shape == (9, 16) and shared.columns[1][1] is None
+    assert shared.a_stack[0].shape == (9, 16) and shared.columns[1][1] is None
     layers[0].clear_slot(0)
-    assert shared.a_cat[0].shape == (7, 16) and shared.columns[0][0] is None
+    assert shared.a_stack[0].shape == (7, 16) and shared.columns[0][0] is None
     x = torch.randn(4, 16, dtype=torch.double)
     with context.use(LoRABatch.from_slots([0] * 4)):
         torch.testing.assert_close(layers[0](x), layers[0].base_layer(x))
+
+
+def test_grouping_loaded_layers_keeps_their_slots():
+    context = LoRAContext()
+    layers = _layers(context)
+    _load(layers)
+    x = torch.randn(5, 16, dtype=torch.double)
+    batch = LoRABatch.from_slots([0, 0, 1, 1, 0])
+    with context.use(batch):
+        alone = [layer(x) for layer in layers]
+    group = LoRAGroup(layers)
+    assert group.a_stack[0].shape == (9, 16) and all(layer.group is group for layer in layers)
+    with context.use(batch):
+        for expected, layer in zip(alone, layers):
+            torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)
+
+
+def test_group_members_must_share_an_input_size():
+    context = LoRAContext()
+    with pytest.raises(ValueError, match="one input size"):
+        LoRAGroup([MultiLoRALinear(nn.Linear(16, 4), 2, context), MultiLoRALinear(nn.Linear(8, 4), 2, context)])
+    with pytest.raises(ValueError, match="at least one member"):
+        LoRAGroup([])
