@@ -1,10 +1,12 @@
 """Batched multi-adapter LoRA: y += scaling * (x @ A.T) @ B.T, per token's adapter.
 
 Two paths with identical semantics. `lora_apply_ref` is the pure-torch gather +
-einsum reference over a per-token slot index. `lora_apply_grouped` is the fast
-path: the runner sorts tokens so each adapter's rows are contiguous, and each
-segment costs one shrink GEMM and one in-place expand `addmm_`, with no padding
-of heterogeneous ranks. Slot -1 (or rows outside every segment) means no adapter.
+einsum reference over a per-token slot index. `lora_apply_grouped` is the
+segment form: the runner sorts tokens so each adapter's rows are contiguous, and
+each segment costs one shrink GEMM and one in-place expand `addmm_`, with no
+padding of heterogeneous ranks; the layers' `group.LoRAGroup` computes the same
+for sibling linears at once. Slot -1 (or rows outside every segment) means no
+adapter.
 """
 from __future__ import annotations
 
