@@ -92,12 +92,15 @@ class KernelPlan:
 
     table: torch.Tensor
     """Segments of up to KERNEL_MAX_ROWS rows, as the int64 [S, 3] (slot, start, end) table the kernel reads."""
-    num_kernel_segments: int
     large: list[Segment]
     """Segments of more than KERNEL_MAX_ROWS rows: left to the GEMM library."""
 
     @classmethod
     def of(cls, segments: Sequence[Segment]) -> "KernelPlan":
         small = [seg for seg in segments if seg[2] - seg[1] <= KERNEL_MAX_ROWS]
-        return cls(torch.tensor(small, dtype=torch.long).reshape(len(small), 3), len(small),
+        return cls(torch.tensor(small, dtype=torch.long).reshape(len(small), 3),
                    [seg for seg in segments if seg[2] - seg[1] > KERNEL_MAX_ROWS])
+
+    @property
+    def num_kernel_segments(self) -> int:
+        return self.table.shape[0]

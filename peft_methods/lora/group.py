@@ -37,7 +37,6 @@ class LoRAGroup:
         self.a_stack: list[torch.Tensor | None] = [None] * self.max_loras   # [sum of ranks, in] per slot
         self.columns: list[list[tuple[int, int] | None]] = [[None] * len(members) for _ in range(self.max_loras)]
         self._kernel_group = None     # the kernel's LoRAGroup, made on the first forward that uses it
-        self._kernel_module = None
         self._cached_x: torch.Tensor | None = None
         self._cached_batch: "LoRABatch | None" = None
         self._cached_h: dict = {}
@@ -102,10 +101,9 @@ class LoRAGroup:
         return shrunk
 
     def _kernel_group_of(self, kernel):
-        if self._kernel_module is not kernel:
+        if self._kernel_group is None:
             self._kernel_group = kernel.LoRAGroup(self.members[0].in_features,
                                                   [m.out_features for m in self.members], self.max_loras)
-            self._kernel_module = kernel
             for slot in range(self.max_loras):
                 self._sync_kernel_slot(slot)
         return self._kernel_group
