@@ -195,6 +195,25 @@ def test_chunked_forward_and_windowed_backward_equal_full_sequence(tiny_model_di
                                        msg=lambda m, module=module, which=which: f"{module} lora_{which}: {m}")
 
 
+def test_sliding_window_backward_equals_full_sequence(tmp_path):
+    """A Mistral sliding window shorter than the sequences: windows and cut pieces see only the keys
+    the window lets each query see, as transformers does over the whole sequence."""
+    from coserve.models.presets import make_model_dir, tiny_config
+
+    model_dir = make_model_dir(tmp_path / "mistral-sw", tiny_config("mistral", sliding_window=6), seed=4)
+    adapter_dir = make_peft_adapter_dir(model_dir, tmp_path / "adapter", seed=5, r=4, lora_alpha=8,
+                                        target_modules="all-linear")
+    sequences = _make_sequences(AutoConfig.from_pretrained(model_dir).vocab_size, [23, 17], seed=8)
+    ref_loss, ref_grads = _peft_reference_grads(model_dir, adapter_dir, sequences, 0.05)
+    loss_sum, ours, cut_pieces = _chunked_grads(model_dir, adapter_dir, sequences, 0.05, 7, 13, ("tokens", 5))
+    assert cut_pieces
+    assert loss_sum == pytest.approx(ref_loss, rel=1e-9)
+    for module, pair in ref_grads.items():
+        for which in ("A", "B"):
+            torch.testing.assert_close(ours[module][which], pair[which], rtol=1e-6, atol=1e-8,
+                                       msg=lambda m, module=module, which=which: f"{module} lora_{which}: {m}")
+
+
 @pytest.mark.parametrize("window,layer_tokens", [(13, 5), (9, 11), (23, 30)])
 def test_token_cut_pieces_equal_whole_windows_fp64(tiny_llama_dir, tmp_path, window, layer_tokens):
     """Cutting layers by tokens only regroups the same fp64 operations: equal to 1e-9."""
