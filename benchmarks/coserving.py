@@ -282,14 +282,25 @@ def run_mode(ctx: BenchContext, trace, window_s: float, with_job: bool, budget: 
 # ---- maximum throughput and the trace ------------------------------------------------------
 
 
-def measure_max_throughput(engine, ctx: BenchContext, num_requests: int, vocab_size: int) -> dict:
-    """All requests of a burst (same distributions as the trace, another seed) sent at t=0, run to the end.
+MAX_THROUGHPUT_BURSTS = 2
+"""Bursts served to measure the maximum throughput; the fastest counts. This machine has slow phases
+(its GEMM throughput drifts by up to 25% within a run), and one burst served in one would draw the
+whole run's trace at half of a slowed maximum: a lighter load than the benchmark means."""
+
+
+def measure_max_throughput(engine, ctx: BenchContext, num_requests: int, vocab_size: int,
+                           num_bursts: int = MAX_THROUGHPUT_BURSTS) -> dict:
+    """All requests of a burst (same distributions as the trace, another seed) sent at t=0, run to the
+    end, `num_bursts` times; the fastest burst's figures, and every burst's tokens/s.
 
     Throughput counts prompt + output tokens, as the trace's rate does.
     """
     burst = throughput_burst(ctx, num_requests, vocab_size)
-    result = run_window(engine, burst, 600.0, prefix="burst-", stop_when_drained=True)
-    return throughput_figures(burst, result.wall_s)
+    walls = [run_window(engine, burst, 600.0, prefix=f"burst{index}-", stop_when_drained=True).wall_s
+             for index in range(num_bursts)]
+    figures = throughput_figures(burst, min(walls))
+    figures["all_tokens_per_s"] = [throughput_figures(burst, wall)["tokens_per_s"] for wall in walls]
+    return figures
 
 
 def throughput_burst(ctx: BenchContext, num_requests: int, vocab_size: int) -> list[TraceRequest]:
@@ -507,7 +518,8 @@ def run_coserving_benchmark(quick: bool, device: str = "auto") -> dict:
                 "rule": "TTFT <= 4 x and TPOT <= 2 x the p50 of inference alone on this trace; unfinished = miss",
                 "coserving_tpot_slo_ms": round(coserving_tpot_slo_ms(setting, slo), 1),
                 "coserving_ttft_slo_ms": round(coserving_slo_kwargs(setting, slo)["ttft_slo_ms"], 1)},
-        "max_throughput": {**burst, "counts": "prompt + output tokens, all requests sent at once"},
+        "max_throughput": {**burst, "counts": "prompt + output tokens, all requests sent at once; the fastest "
+                                              f"of {MAX_THROUGHPUT_BURSTS} bursts"},
         "rate_requests_per_s": round(rate, 3),
         "trace": {"num_requests": len(trace), "duration_s": setting.trace_s, "window_s": round(window, 2),
                   "prompt_range": PROMPT_RANGE, "output_range": OUTPUT_RANGE, "adapters": specs, "seed": 0,
