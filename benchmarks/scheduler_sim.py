@@ -33,8 +33,8 @@ from coserve.engine.training_sequence import TrainingSequence
 from coserve.sampling_params import SamplingParams
 
 BENCH_SMALL_PROFILE = {
-    "forward_base": 0.00484, "forward_per_token": 0.000348, "train_forward_per_token": 0.000624,
-    "backward_base": 0.03242, "backward_per_token": 0.000666, "backward_per_key": 1.04e-06, "unit": "s",
+    "forward_base": 0.0089, "forward_per_token": 0.000331, "train_forward_per_token": 0.000619,
+    "backward_base": 0.03194, "backward_per_token": 0.0006, "backward_per_key": 7.42e-07, "unit": "s",
 }
 """The start-up latency profile of a co-serving engine on bench-small (fp32, 2 CPU cores), from a full
 `coserve bench coserving` run."""
@@ -44,18 +44,18 @@ BENCH_SMALL_PROFILE = {
 class SimMachine:
     """What an iteration costs, in seconds: a linear model of its shape, times noise.
 
-    The defaults were measured on this machine (packed oneDNN linears, the LoRA kernel's tiled
-    layouts): the least-squares fit of the 792 iterations of a 30 s co-serving run of the trace at
-    4.65 requests/s (15% relative spread around it, model error included). Its adapter coefficient
-    came out negative, collinear with the decodes; it is left at 0 and the fit redone without it.
+    The defaults were measured on this machine: the least-squares fit of the 1240 iterations of a
+    48 s co-serving run of the trace at 5.04 requests/s (9% relative spread around it, model error
+    included). Its adapter coefficient came out near 0 (-0.08 ms), collinear with the decodes; it is
+    left at 0 and the fit redone without it.
     """
 
-    fixed: float = 0.0178
-    decode_token: float = 0.00097
-    prefill_token: float = 0.000303
-    train_token: float = 0.000596
+    fixed: float = 0.0132
+    decode_token: float = 0.00082
+    prefill_token: float = 0.000371
+    train_token: float = 0.000829
     adapter: float = 0.0
-    backward_factor: float = 0.638
+    backward_factor: float = 0.964
     """Times the profile's cost of the iteration's backward windows."""
     overhead: float = 0.0
     """Scheduling and bookkeeping around the forward."""
@@ -90,8 +90,8 @@ class SimSetting:
     """The benchmark's trace and the co-serving engine's configuration (defaults: the SLO and maximum
     throughput of the full run the profile comes from)."""
 
-    slo: Slo = Slo(ttft_s=0.366, tpot_s=0.047)
-    max_tokens_per_s: float = 1783.5
+    slo: Slo = Slo(ttft_s=0.384, tpot_s=0.0455)
+    max_tokens_per_s: float = 1853.0
     """The inference-alone maximum the trace's rate is half of."""
     trace_s: float = 45.0
     trace_seed: int = 0
@@ -235,11 +235,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=40, help="noise draws per headroom")
     parser.add_argument("--headroom", type=float, nargs="+", default=[0.0, 0.2])
-    parser.add_argument("--tpot-ms", type=float, default=47.0, help="the TPOT SLO")
-    parser.add_argument("--ttft-ms", type=float, default=366.0, help="the TTFT SLO")
+    parser.add_argument("--tpot-ms", type=float, default=45.5, help="the TPOT SLO")
+    parser.add_argument("--ttft-ms", type=float, default=384.0, help="the TTFT SLO")
     parser.add_argument("--tpot-safety", type=float, default=0.9)
     parser.add_argument("--ttft-safety", type=float, default=None)
-    parser.add_argument("--max-tokens-per-s", type=float, default=1783.5)
+    parser.add_argument("--max-tokens-per-s", type=float, default=1853.0)
     parser.add_argument("--trace-seed", type=int, default=0)
     parser.add_argument("--slowdown", type=float, default=1.0,
                         help="every iteration's mean cost times this (the machine in a slower phase)")
