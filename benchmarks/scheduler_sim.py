@@ -87,8 +87,9 @@ class SimMachine:
 
 @dataclass(frozen=True)
 class SimSetting:
-    """The benchmark's trace and the co-serving engine's configuration (defaults: the SLO and maximum
-    throughput of the full run the profile comes from)."""
+    """The benchmark's trace and the co-serving engine's configuration (defaults: the maximum throughput
+    of the full run the profile comes from, and the SLO of the replay of its trace the machine was
+    fitted on)."""
 
     slo: Slo = Slo(ttft_s=0.384, tpot_s=0.0455)
     max_tokens_per_s: float = 1853.0
