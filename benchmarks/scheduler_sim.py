@@ -234,13 +234,14 @@ def compare(setting: SimSetting, headrooms: list[float], seeds: int, machine: Si
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    defaults = SimSetting()
     parser.add_argument("--seeds", type=int, default=40, help="noise draws per headroom")
     parser.add_argument("--headroom", type=float, nargs="+", default=[0.0, 0.2])
-    parser.add_argument("--tpot-ms", type=float, default=45.5, help="the TPOT SLO")
-    parser.add_argument("--ttft-ms", type=float, default=384.0, help="the TTFT SLO")
-    parser.add_argument("--tpot-safety", type=float, default=0.9)
+    parser.add_argument("--tpot-ms", type=float, default=defaults.slo.tpot_s * 1e3, help="the TPOT SLO")
+    parser.add_argument("--ttft-ms", type=float, default=defaults.slo.ttft_s * 1e3, help="the TTFT SLO")
+    parser.add_argument("--tpot-safety", type=float, default=defaults.tpot_safety)
     parser.add_argument("--ttft-safety", type=float, default=None)
-    parser.add_argument("--max-tokens-per-s", type=float, default=1853.0)
+    parser.add_argument("--max-tokens-per-s", type=float, default=defaults.max_tokens_per_s)
     parser.add_argument("--trace-seed", type=int, default=0)
     parser.add_argument("--slowdown", type=float, default=1.0,
                         help="every iteration's mean cost times this (the machine in a slower phase)")
