@@ -12,6 +12,13 @@ percent or more; here one run takes a fraction of a second and the same seed
 gives the same run, so a scheduling policy is compared over many noise draws:
 
     python -m benchmarks.scheduler_sim --seeds 40 --headroom 0 0.2
+
+Other draws of the same Poisson process are scored against their own SLO, as
+the benchmark scores its trace: `--slo-from-alone` serves each trace on a
+simulated inference-alone engine first and takes twice its median TPOT and four
+times its median TTFT:
+
+    python -m benchmarks.scheduler_sim --slo-from-alone --trace-seed 0 1 2 3 4 5 --headroom 0 0.1 0.2 --seeds 16
 """
 from __future__ import annotations
 
@@ -20,9 +27,17 @@ import json
 import math
 import random
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from benchmarks.trace import RequestTiming, Slo, TraceRequest, mean_request_tokens, poisson_trace, slo_attainment
+from benchmarks.trace import (
+    RequestTiming,
+    Slo,
+    TraceRequest,
+    mean_request_tokens,
+    poisson_trace,
+    slo_attainment,
+    slo_from_baseline,
+)
 from coserve.config import SchedulerConfig
 from coserve.engine.cost_model import CostModel, IterationShape
 from coserve.engine.kv_cache import BlockManager
@@ -91,7 +106,8 @@ class SimSetting:
     of the full run the profile comes from, and the SLO of the replay of its trace the machine was
     fitted on)."""
 
-    slo: Slo = Slo(ttft_s=0.384, tpot_s=0.0455)
+    slo: Slo | None = Slo(ttft_s=0.384, tpot_s=0.0455)
+    """None: from a simulated inference-alone run of the same trace (`alone_slo`)."""
     max_tokens_per_s: float = 1853.0
     """The inference-alone maximum the trace's rate is half of."""
     trace_s: float = 45.0
@@ -145,9 +161,13 @@ def _episodes(machine: SimMachine, window: float, rng: random.Random) -> list[tu
 
 
 def simulate(setting: SimSetting, machine: SimMachine = SimMachine(), seed: int = 0) -> SimResult:
-    """One co-serving run of the benchmark's trace and one continuous finetuning job."""
+    """One co-serving run of the benchmark's trace and one continuous finetuning job.
+
+    With `setting.slo` None the SLO comes from a simulated run of inference alone on the same
+    trace, machine and seed (`alone_slo`), as the benchmark derives it from its own run.
+    """
+    slo = setting.slo or alone_slo(setting, machine, seed)
     trace = _trace(setting)
-    slo = setting.slo
     window = max(setting.trace_s + 1.0, max(slo.latest_finish(r) for r in trace))
     clock = _VirtualClock()
     config = SchedulerConfig(max_num_batched_tokens=256, max_loras=setting.num_adapters + 1,
@@ -155,15 +175,10 @@ def simulate(setting: SimSetting, machine: SimMachine = SimMachine(), seed: int 
                              finetune_slo_headroom=setting.headroom)
     scheduler = Scheduler(config, BlockManager(4096, 16), clock=clock)
     scheduler.finetune.num_layers = setting.num_layers
-    cost = CostModel.from_dict(machine.profile)
-    scheduler.set_budget(cost, setting.tpot_safety * slo.tpot_s)
-    backward_cost = CostModel.from_dict(machine.profile)   # never fitted: the profile's own window costs
+    scheduler.set_budget(CostModel.from_dict(machine.profile), setting.tpot_safety * slo.tpot_s)
     planner = scheduler.finetune
     planner.add_job("job", "trained", max_in_flight=setting.batch_size)
-    rng = random.Random(seed)
-    drift, step, backward_tokens = 0.0, 0, 0
-    episodes = _episodes(machine, window, random.Random(seed + 1_000_003))
-    pending, live = list(trace), {}
+    step = 0
 
     def next_step() -> None:   # the next optimizer step's sequences once the last one's are done
         nonlocal step
@@ -174,7 +189,41 @@ def simulate(setting: SimSetting, machine: SimMachine = SimMachine(), seed: int 
                                                            [5] * setting.sequence_length)
                                           for i in range(setting.batch_size)])
 
-    next_step()
+    timings, backward_tokens = _serve(trace, scheduler, clock, window, machine, seed, after_iteration=next_step)
+    finished = [t for t in timings if t.is_finished]
+    return SimResult(slo_attainment(timings, slo), backward_tokens / window,
+                     1e3 * statistics.median(t.tpot for t in finished) if finished else 0.0,
+                     sum(t.ttft > slo.ttft_s for t in finished), sum(t.tpot > slo.tpot_s for t in finished),
+                     len(timings) - len(finished))
+
+
+def simulate_alone(setting: SimSetting, machine: SimMachine = SimMachine(), seed: int = 0) -> list[RequestTiming]:
+    """The trace served by an engine without an SLO or a finetuning job, as the benchmark's inference
+    alone: prompts prefilled in chunks of up to `max_num_batched_tokens`, for the trace and 30 s more."""
+    clock = _VirtualClock()
+    config = SchedulerConfig(max_num_batched_tokens=256, max_loras=setting.num_adapters + 1)
+    scheduler = Scheduler(config, BlockManager(4096, 16), clock=clock)
+    timings, _ = _serve(_trace(setting), scheduler, clock, setting.trace_s + 30.0, machine, seed)
+    return timings
+
+
+def alone_slo(setting: SimSetting, machine: SimMachine = SimMachine(), seed: int = 0) -> Slo:
+    """The benchmark's SLO for this trace: multiples of inference alone's p50 TTFT and TPOT."""
+    return slo_from_baseline(simulate_alone(setting, machine, seed))
+
+
+def _serve(trace: list[TraceRequest], scheduler: Scheduler, clock: _VirtualClock, window: float,
+           machine: SimMachine, seed: int, after_iteration=lambda: None) -> tuple[list[RequestTiming], int]:
+    """Run `scheduler` on the trace until `window` on the virtual clock: each iteration lasts what the
+    machine says its shape costs, with the seed's noise. Returns every request's timing (those not
+    finished in the window unfinished) and the finetuning tokens whose backward completed."""
+    cost = scheduler.cost_model
+    backward_cost = CostModel.from_dict(machine.profile)   # never fitted: the profile's own window costs
+    rng = random.Random(seed)
+    drift, backward_tokens = 0.0, 0
+    episodes = _episodes(machine, window, random.Random(seed + 1_000_003))
+    pending, live = list(trace), {}
+    after_iteration()
     while clock.now < window:
         while pending and pending[0].arrival_s <= clock.now:
             item = pending.pop(0)
@@ -197,62 +246,80 @@ def simulate(setting: SimSetting, machine: SimMachine = SimMachine(), seed: int 
         scheduler.update(output, RunnerOutput(sampled_token_ids=sampled))
         cost.observe(shape, seconds)
         backward_tokens += sum(w.num_tokens for w in output.backward_windows if w.finishes_window)
-        planner.pop_completed()
-        next_step()
+        scheduler.finetune.pop_completed()
+        after_iteration()
     timings = []
     for item, request in live.values():
         done = request.finish_time is not None and request.finish_time <= window
         timings.append(RequestTiming(item.arrival_s, item.num_tokens, request.first_token_time,
                                      request.finish_time if done else None, len(request.output_token_ids)))
     timings += [RequestTiming(item.arrival_s, item.num_tokens) for item in pending]
-    finished = [t for t in timings if t.is_finished]
-    return SimResult(slo_attainment(timings, slo), backward_tokens / window,
-                     1e3 * statistics.median(t.tpot for t in finished) if finished else 0.0,
-                     sum(t.ttft > slo.ttft_s for t in finished), sum(t.tpot > slo.tpot_s for t in finished),
-                     len(timings) - len(finished))
+    return timings, backward_tokens
 
 
 def compare(setting: SimSetting, headrooms: list[float], seeds: int, machine: SimMachine = SimMachine(),
-            min_attainment: float = 0.99) -> dict:
-    """Per headroom: SLO attainment (mean, lowest, share of runs at `min_attainment` or more) and
-    finetuning tokens/s (mean) over `seeds` noise draws of the same trace."""
-    from dataclasses import replace
-
+            min_attainment: float = 0.99, tpot_safeties: list[float] | None = None) -> dict:
+    """Per headroom (and per TPOT safety, when several are given: keys "headroom/safety"): SLO
+    attainment (mean, lowest, share of runs at `min_attainment` or more) and finetuning tokens/s (mean)
+    over `seeds` noise draws of the same trace."""
+    safeties = tpot_safeties or [setting.tpot_safety]
     summary = {}
     for headroom in headrooms:
-        runs = [simulate(replace(setting, headroom=headroom), machine, seed) for seed in range(seeds)]
-        attainment = [r.slo_attainment for r in runs]
-        summary[str(headroom)] = {
-            "slo_attainment_mean": round(statistics.mean(attainment), 4),
-            "slo_attainment_min": round(min(attainment), 4),
-            "share_of_runs_meeting_target": round(sum(a >= min_attainment for a in attainment) / seeds, 3),
-            "finetune_tokens_per_s_mean": round(statistics.mean(r.finetune_tokens_per_s for r in runs), 1),
-            "ttft_misses": sum(r.ttft_misses for r in runs), "tpot_misses": sum(r.tpot_misses for r in runs),
-        }
+        for safety in safeties:
+            variant = replace(setting, headroom=headroom, tpot_safety=safety)
+            runs = [simulate(variant, machine, seed) for seed in range(seeds)]
+            attainment = [r.slo_attainment for r in runs]
+            key = str(headroom) if tpot_safeties is None else f"{headroom}/{safety}"
+            summary[key] = {
+                "slo_attainment_mean": round(statistics.mean(attainment), 4),
+                "slo_attainment_min": round(min(attainment), 4),
+                "share_of_runs_meeting_target": round(sum(a >= min_attainment for a in attainment) / seeds, 3),
+                "finetune_tokens_per_s_mean": round(statistics.mean(r.finetune_tokens_per_s for r in runs), 1),
+                "ttft_misses": sum(r.ttft_misses for r in runs), "tpot_misses": sum(r.tpot_misses for r in runs),
+            }
     return summary
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     defaults = SimSetting()
-    parser.add_argument("--seeds", type=int, default=40, help="noise draws per headroom")
+    parser.add_argument("--seeds", type=int, default=40, help="noise draws per setting")
     parser.add_argument("--headroom", type=float, nargs="+", default=[0.0, 0.2])
     parser.add_argument("--tpot-ms", type=float, default=defaults.slo.tpot_s * 1e3, help="the TPOT SLO")
     parser.add_argument("--ttft-ms", type=float, default=defaults.slo.ttft_s * 1e3, help="the TTFT SLO")
-    parser.add_argument("--tpot-safety", type=float, default=defaults.tpot_safety)
+    parser.add_argument("--slo-from-alone", action="store_true",
+                        help="each trace's SLO from a simulated inference-alone run of it (ignores --tpot-ms, --ttft-ms)")
+    parser.add_argument("--tpot-safety", type=float, nargs="+", default=None,
+                        help=f"the engine's TPOT target as a share of the SLO (default {defaults.tpot_safety}); "
+                             "several: each is compared")
     parser.add_argument("--ttft-safety", type=float, default=None)
     parser.add_argument("--max-tokens-per-s", type=float, default=defaults.max_tokens_per_s)
-    parser.add_argument("--trace-seed", type=int, default=0)
+    parser.add_argument("--trace-seed", type=int, nargs="+", default=[defaults.trace_seed],
+                        help="several: each trace is compared on its own")
     parser.add_argument("--slowdown", type=float, default=1.0,
                         help="every iteration's mean cost times this (the machine in a slower phase)")
     parser.add_argument("--episodes-per-s", type=float, default=0.0,
                         help="rate of slow episodes (0.2 to 1 s at 1.2 to 1.5x the cost)")
     args = parser.parse_args(argv)
-    setting = SimSetting(slo=Slo(ttft_s=args.ttft_ms / 1e3, tpot_s=args.tpot_ms / 1e3),
-                         max_tokens_per_s=args.max_tokens_per_s, trace_seed=args.trace_seed,
-                         tpot_safety=args.tpot_safety, ttft_safety=args.ttft_safety)
     machine = SimMachine(slowdown=args.slowdown, episodes_per_s=args.episodes_per_s)
-    print(json.dumps(compare(setting, args.headroom, args.seeds, machine), indent=2))
+    report = {}
+    for trace_seed in args.trace_seed:
+        setting = SimSetting(slo=Slo(ttft_s=args.ttft_ms / 1e3, tpot_s=args.tpot_ms / 1e3),
+                             max_tokens_per_s=args.max_tokens_per_s, trace_seed=trace_seed,
+                             ttft_safety=args.ttft_safety)
+        alone = {}
+        if args.slo_from_alone:
+            # One SLO per trace, from the noise draw of seed 0, as one benchmark run measures it once.
+            timings = simulate_alone(setting, machine)
+            setting = replace(setting, slo=slo_from_baseline(timings))
+            alone = {"inference_alone_slo_attainment": round(slo_attainment(timings, setting.slo), 4)}
+        summary = compare(setting, args.headroom, args.seeds, machine, tpot_safeties=args.tpot_safety)
+        if len(args.trace_seed) == 1 and not alone:
+            report = summary
+        else:
+            report[f"trace {trace_seed}"] = {"slo_ms": [round(setting.slo.tpot_s * 1e3, 1),
+                                                        round(setting.slo.ttft_s * 1e3, 1)], **alone, **summary}
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

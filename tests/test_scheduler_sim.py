@@ -1,7 +1,7 @@
 """The scheduler simulation: deterministic, scores like the benchmark, and shows what the headroom does."""
 from dataclasses import replace
 
-from benchmarks.scheduler_sim import SimMachine, SimSetting, compare, simulate
+from benchmarks.scheduler_sim import SimMachine, SimSetting, alone_slo, compare, simulate, simulate_alone
 from benchmarks.trace import Slo
 
 SHORT = SimSetting(trace_s=12.0)
@@ -43,3 +43,15 @@ def test_slow_episodes_slow_the_iterations_they_cover():
     # iterations still run long where an episode starts, so some requests miss.
     assert stormy_run.finetune_tokens_per_s < 0.5 * calm_run.finetune_tokens_per_s
     assert stormy_run.slo_attainment < calm_run.slo_attainment
+
+
+def test_inference_alone_sets_the_slo_and_co_serving_spends_its_slack():
+    timings = simulate_alone(SHORT, seed=0)
+    assert timings and all(t.is_finished for t in timings)
+    slo = alone_slo(SHORT, seed=0)
+    alone_tpot_p50_ms = slo.tpot_s * 1e3 / 2   # the SLO is twice inference alone's median
+    co_serving = simulate(replace(SHORT, slo=slo), seed=0)
+    # Finetuning fills each iteration up to the engine's target, so decodes run slower than alone.
+    assert alone_tpot_p50_ms < co_serving.tpot_p50_ms < 0.9 * slo.tpot_s * 1e3
+    assert co_serving.finetune_tokens_per_s > 0
+    assert simulate(replace(SHORT, slo=None), seed=0) == co_serving
