@@ -55,6 +55,12 @@ BENCH_SMALL_PROFILE = {
 `coserve bench coserving` run."""
 
 
+MAX_BATCHED_TOKENS = 256
+"""max_num_batched_tokens of the simulated engines (the benchmark's INFERENCE_BUDGET)."""
+ALONE_DRAIN_S = 120.0
+"""Inference alone runs until its requests are served, at most this long after the trace (as the benchmark's)."""
+
+
 @dataclass(frozen=True)
 class SimMachine:
     """What an iteration costs, in seconds: a linear model of its shape, times noise.
@@ -170,7 +176,7 @@ def simulate(setting: SimSetting, machine: SimMachine = SimMachine(), seed: int 
     trace = _trace(setting)
     window = max(setting.trace_s + 1.0, max(slo.latest_finish(r) for r in trace))
     clock = _VirtualClock()
-    config = SchedulerConfig(max_num_batched_tokens=256, max_loras=setting.num_adapters + 1,
+    config = SchedulerConfig(max_num_batched_tokens=MAX_BATCHED_TOKENS, max_loras=setting.num_adapters + 1,
                              ttft_slo_ms=(setting.ttft_safety or setting.tpot_safety) * slo.ttft_s * 1e3,
                              finetune_slo_headroom=setting.headroom)
     scheduler = Scheduler(config, BlockManager(4096, 16), clock=clock)
@@ -199,11 +205,12 @@ def simulate(setting: SimSetting, machine: SimMachine = SimMachine(), seed: int 
 
 def simulate_alone(setting: SimSetting, machine: SimMachine = SimMachine(), seed: int = 0) -> list[RequestTiming]:
     """The trace served by an engine without an SLO or a finetuning job, as the benchmark's inference
-    alone: prompts prefilled in chunks of up to `max_num_batched_tokens`, for the trace and 30 s more."""
+    alone: prompts prefilled in chunks of up to `MAX_BATCHED_TOKENS`, until every request is served
+    (at most `ALONE_DRAIN_S` after the trace)."""
     clock = _VirtualClock()
-    config = SchedulerConfig(max_num_batched_tokens=256, max_loras=setting.num_adapters + 1)
+    config = SchedulerConfig(max_num_batched_tokens=MAX_BATCHED_TOKENS, max_loras=setting.num_adapters + 1)
     scheduler = Scheduler(config, BlockManager(4096, 16), clock=clock)
-    timings, _ = _serve(_trace(setting), scheduler, clock, setting.trace_s + 30.0, machine, seed)
+    timings, _ = _serve(_trace(setting), scheduler, clock, setting.trace_s + ALONE_DRAIN_S, machine, seed)
     return timings
 
 
